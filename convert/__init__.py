@@ -1,0 +1,1 @@
+"""Checkpoint converters: HF <-> canonical (megatron-core GPTModel names) <-> sharded."""

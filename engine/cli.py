@@ -1,0 +1,83 @@
+"""``meshtron-train CONFIG.yaml [section.key=value ...]``: one process, or one rank of a torchrun world.
+
+The config is loaded and validated against the world size before any process group exists, so a
+bad config fails at once on every rank with one message (printed by rank 0) and exit code 2.
+After that, a rank that fails prints its traceback and exits non-zero at once without waiting on
+collectives; torchrun then stops the others, and ``dist.timeout_s`` bounds any straggler.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+
+USAGE = """usage: meshtron-train CONFIG.yaml [section.key=value ...]
+
+Train with the given YAML config; overrides use dotted keys, e.g.
+  meshtron-train configs/tiny.yaml parallel.tp=2 train.steps=3
+Run it under torchrun (or tools/launch.sh) for several processes; the product
+dp·pp·tp·cp must equal the number of processes (parallel.dp=-1 takes the rest)."""
+
+
+def _select_backend(cfg) -> tuple[str, "torch.device"]:
+    import torch
+
+    backend = cfg.dist.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return backend, torch.device("cuda", local)
+    return backend, torch.device("cpu")
+
+
+def init_mesh(cfg):
+    """Initialise the default process group (when in a torchrun world) and build the mesh."""
+    import torch.distributed as dist
+
+    from engine.mesh import ParallelMesh
+
+    backend, device = _select_backend(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+    p = cfg.parallel
+    return ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, order=p.order,
+                              placement=p.placement, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import ConfigError, load_config, parse_cli, validate
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        path, overrides = parse_cli(argv)
+        cfg = validate(load_config(path, overrides), int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        if rank == 0:
+            print(f"meshtron-train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from engine.train import train
+
+        mesh = init_mesh(cfg)
+        train(cfg, mesh)
+    except BaseException:  # noqa: BLE001 - any failure must end this rank now, not hang the others
+        print(f"meshtron-train: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(1)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Vocab-parallel cross-entropy and the global-token normalisation of I-5.
+
+The logits of a micro-batch are split over tp along the vocabulary: ``logits_TV [T, V/tp]``.
+The softmax max, the normaliser and the target logit are reduced over the tp group, so no rank
+ever holds the full ``[T, V]``. Vocabulary padding rows (ids >= the real vocab size) are masked out
+of the softmax, so the loss does not depend on the padding, i.e. on tp.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.parallel.comm import all_reduce_, all_reduce_max_
+
+IGNORE_INDEX = -100
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, vocab_size, group):
+        x = logits.float()
+        local_vocab = x.shape[-1]
+        real = vocab_size - vocab_start  # real ids in this slice (may be <= 0 or > local_vocab)
+        if real < local_vocab:
+            x = x.clone()
+            x[:, max(real, 0):] = float("-inf")
+        shift = x.amax(-1).clamp_min(torch.finfo(torch.float32).min)
+        all_reduce_max_(shift, group)
+        exp = torch.exp(x - shift[:, None])
+        sum_exp = all_reduce_(exp.sum(-1), group)
+
+        local_ids = labels - vocab_start
+        here = (local_ids >= 0) & (local_ids < local_vocab)
+        safe_ids = local_ids.clamp(0, local_vocab - 1)
+        target = torch.where(here, x.gather(-1, safe_ids[:, None]).squeeze(-1) - shift, 0.0)
+        all_reduce_(target, group)
+
+        valid = labels != IGNORE_INDEX
+        loss = torch.where(valid, torch.log(sum_exp) - target, 0.0)
+        softmax = exp.div_(sum_exp[:, None])
+        ctx.save_for_backward(softmax, safe_ids, here & valid, valid)
+        ctx.logits_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, safe_ids, hit, valid = ctx.saved_tensors
+        grad = softmax
+        grad[torch.arange(grad.shape[0]), safe_ids] -= hit.float()
+        grad.mul_((grad_loss * valid)[:, None])
+        return grad.to(ctx.logits_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_TV: torch.Tensor, labels_T: torch.Tensor, vocab_start: int,
+                                 vocab_size: int, tp_group) -> torch.Tensor:
+    """Per-token losses ``[T]`` (fp32, 0 where the label is ``IGNORE_INDEX``), identical on every tp
+    rank; the gradient flows to this rank's logits slice only."""
+    return _VocabParallelCrossEntropy.apply(logits_TV, labels_T, vocab_start, vocab_size, tp_group)
+
+
+def token_loss_sum(model, batch) -> torch.Tensor:
+    """Sum of token cross-entropies of one micro-batch on this rank (the numerator of I-5)."""
+    logits = model(batch)
+    losses = vocab_parallel_cross_entropy(logits, batch.labels, model.vocab_start, model.cfg.vocab_size,
+                                          model.mesh.group("tp"))
+    return losses.sum()

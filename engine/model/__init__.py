@@ -1,0 +1,1 @@
+"""Decoder-only GPT of the Llama / Qwen2 / Mistral family with megatron-core parameter names."""

@@ -1,0 +1,191 @@
+"""Autograd-aware collectives shared by every parallel axis, and the communication counter.
+
+Every function takes a process group that may be ``None`` (an axis of size 1): then it is the
+identity and costs nothing. Each docstring states what the backward pass does, because that is
+where sequence-parallel implementations go wrong (an in-place all-reduce is an identity to
+autograd: loss matches, gradients silently do not).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+# -- communication accounting ----------------------------------------------------------------
+class CommCounter:
+    """Bytes and calls per (collective kind, group ranks), counted while ``active``."""
+
+    def __init__(self):
+        self.active = False
+        self.calls: dict[tuple[str, tuple[int, ...]], int] = defaultdict(int)
+        self.bytes: dict[tuple[str, tuple[int, ...]], int] = defaultdict(int)
+
+    def record(self, kind: str, group, num_bytes: int) -> None:
+        if self.active:
+            key = (kind, tuple(dist.get_process_group_ranks(group)))
+            self.calls[key] += 1
+            self.bytes[key] += int(num_bytes)
+
+    def total(self, kind: str | None = None, field: str = "bytes") -> int:
+        table = self.bytes if field == "bytes" else self.calls
+        return sum(v for (k, _), v in table.items() if kind is None or k == kind)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+
+COUNTER = CommCounter()
+
+
+@contextmanager
+def count_comm():
+    """Count every collective issued inside the block; yields the (reset) counter."""
+    COUNTER.reset()
+    COUNTER.active = True
+    try:
+        yield COUNTER
+    finally:
+        COUNTER.active = False
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# -- raw collectives (no autograd) -----------------------------------------------------------
+def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a tensor that is NOT part of an autograd graph."""
+    if _size(group) > 1:
+        COUNTER.record("all_reduce", group, _nbytes(t))
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    moved = t.movedim(dim, 0).contiguous()
+    COUNTER.record("all_gather", group, _nbytes(moved) * (n - 1))
+    out = torch.empty((n * moved.shape[0],) + moved.shape[1:], dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    moved = t.movedim(dim, 0).contiguous()
+    if moved.shape[0] % n:
+        raise ValueError(f"reduce-scatter of size {moved.shape[0]} along dim {dim} over {n} ranks")
+    COUNTER.record("reduce_scatter", group, _nbytes(moved) * (n - 1) // n)
+    out = torch.empty((moved.shape[0] // n,) + moved.shape[1:], dtype=t.dtype, device=t.device)
+    dist.reduce_scatter_tensor(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def _chunk(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = _size(group)
+    if t.shape[dim] % n:
+        raise ValueError(f"cannot split size {t.shape[dim]} along dim {dim} over {n} ranks")
+    return t.chunk(n, dim)[dist.get_rank(group)].contiguous()
+
+
+# -- autograd functions ----------------------------------------------------------------------
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce_(g.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherAlongDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterAlongDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.dim, ctx.group), None, None
+
+
+class _SplitAlongDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.dim, ctx.group), None, None
+
+
+def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; backward all-reduces (sums) the gradient over ``group``."""
+    return x if _size(group) == 1 else _CopyToGroup.apply(x, group)
+
+
+def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce (sum) forward; identity backward (each rank's partial gets the full grad)."""
+    return x if _size(group) == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def gather_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """All-gather, concatenating rank slices along ``dim``; backward reduce-scatters (sums)."""
+    return x if _size(group) == 1 else _GatherAlongDim.apply(x, dim, group)
+
+
+def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over ranks, keep this rank's slice of ``dim``; backward all-gathers."""
+    return x if _size(group) == 1 else _ReduceScatterAlongDim.apply(x, dim, group)
+
+
+def split_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Keep this rank's slice of a replicated tensor; backward all-gathers the slices."""
+    return x if _size(group) == 1 else _SplitAlongDim.apply(x, dim, group)
+
+
+def all_reduce_max_(t: torch.Tensor, group) -> torch.Tensor:
+    """In-place MAX all-reduce of a tensor outside the graph (e.g. a softmax shift)."""
+    return all_reduce_(t, group, op=dist.ReduceOp.MAX)
+
+
+def gather_shards(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape), in group-rank order; no autograd (checkpoints, tests)."""
+    if _size(group) == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(_size(group))]
+    COUNTER.record("all_gather", group, _nbytes(t) * (len(out) - 1))
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out

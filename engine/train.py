@@ -1,0 +1,107 @@
+"""The training loop: build the rank's model, optimizer and data, then step (DESIGN §1).
+
+One optimizer step = forward/backward over this rank's micro-batches with every micro-batch's
+token-loss sum divided by the global valid-token count of the step (I-5), then gradient
+reduction, clipping by the mesh-wide norm, AdamW. The global batch is a function of the config
+and the step alone, so every mesh trains on the same data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from engine.data.packing import PackedBatch, concat
+from engine.data.synthetic import SyntheticSequences
+from engine.loss import token_loss_sum
+from engine.model.gpt import GPTModel, init_canonical
+from engine.optim import MeshOptimizer
+from engine.parallel.comm import all_reduce_
+
+
+def build_model(cfg, mesh, core_attention=None) -> GPTModel:
+    """The rank's shard of the model, initialised identically for every mesh."""
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    with torch.device(mesh.device):
+        model = GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention)
+    model.load_canonical(init_canonical(model, cfg.train.seed))
+    return model
+
+
+def build_dataset(cfg):
+    d = cfg.data
+    if d.source != "synthetic":
+        raise ValueError(f"data.source={d.source!r} is not supported yet; use 'synthetic'")
+    return SyntheticSequences(cfg.model.vocab_size, d.seq_len, d.min_doc_len, d.max_doc_len, cfg.train.seed)
+
+
+def rank_micro_batches(dataset, step: int, cfg, mesh) -> list[PackedBatch]:
+    """This dp rank's share of the global batch of ``step``, as micro-batches."""
+    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_dp = gbs // mesh.dp
+    first = step * gbs + mesh.index("dp") * per_dp
+    seqs = [dataset.sequence(i) for i in range(first, first + per_dp)]
+    return [concat(seqs[i:i + mbs]).to(mesh.device) for i in range(0, per_dp, mbs)]
+
+
+def global_valid_tokens(micro_batches: list[PackedBatch], mesh) -> torch.Tensor:
+    """Valid tokens of the whole step over every dp×cp rank (tp ranks share theirs)."""
+    n = torch.tensor(float(sum(mb.num_valid for mb in micro_batches)), dtype=torch.float64, device=mesh.device)
+    return all_reduce_(n, mesh.group("dp_cp"))
+
+
+def forward_backward(model, micro_batches: list[PackedBatch], mesh) -> tuple[float, int]:
+    """Accumulate gradients of loss = Σ token losses / global valid tokens; returns (loss, tokens)."""
+    num_valid = global_valid_tokens(micro_batches, mesh)
+    total = torch.zeros((), dtype=torch.float64, device=mesh.device)
+    for mb in micro_batches:
+        loss = token_loss_sum(model, mb) / num_valid.to(torch.float32)
+        loss.backward()
+        total += loss.detach().double()
+    return float(all_reduce_(total, mesh.group("dp_cp"))), int(num_valid)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per optimizer step) and console lines, on global rank 0."""
+
+    def __init__(self, output_dir: str, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            open(self.path, "w").close()
+
+    def write(self, row: dict, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if echo:
+            print(f"step {row['step']:>5d} | loss {row['loss']:.6f} | grad_norm {row['grad_norm']:.4f} | "
+              f"lr {row['lr']:.3e} | tokens {row['num_tokens']} | {row['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+def train(cfg, mesh) -> list[dict]:
+    """Run ``cfg.train.steps`` optimizer steps; returns the metrics rows (on every rank)."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, mesh)
+    opt = MeshOptimizer(model, cfg.optim, mesh, cfg.train.steps)
+    dataset = build_dataset(cfg)
+    writer = MetricsWriter(cfg.train.output_dir, mesh.rank == 0)
+    rows, start = [], time.perf_counter()
+    for step in range(cfg.train.steps):
+        t0 = time.perf_counter()
+        loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh)
+        stats = opt.step()
+        dt = time.perf_counter() - t0
+        row = {"step": step, "loss": loss, **stats, "num_tokens": num_tokens,
+               "time_s": dt, "tokens_per_s": num_tokens / dt}
+        rows.append(row)
+        writer.write(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
+    if mesh.rank == 0:
+        elapsed = time.perf_counter() - start
+        print(f"done: {len(rows)} steps in {elapsed:.1f}s | first loss {rows[0]['loss']:.4f} | "
+              f"last loss {rows[-1]['loss']:.4f} | mesh {mesh}", flush=True)
+    return rows

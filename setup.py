@@ -1,0 +1,36 @@
+"""meshtron: Megatron-style training engine for long-sequence LLM post-training."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "engine" / "__init__.py").read_text(), version)
+
+setup(
+    name="meshtron",
+    version=version["__version__"],
+    description="Megatron-style training engine for long-sequence LLM post-training "
+                "(TP x PP x CP x DP, ring/Ulysses/2D attention, Seq1F1B, FlexSP)",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "convert", "convert.*"]),
+    # torch: a range the CPU 2.13 build and the GPU machines' 2.11 CUDA build both satisfy; with
+    # torch already installed pip adds nothing (never a multi-GB CUDA wheel on a CPU machine).
+    install_requires=[
+        "torch>=2.6,<2.15",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "pyyaml>=6.0",
+        "scipy>=1.11",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "megatron-core==0.16.1"],
+        "gpu": ["flash-attn>=2.6", "transformer-engine>=1.12"],
+    },
+    entry_points={"console_scripts": ["meshtron-train=engine.cli:main"]},
+)
