@@ -352,8 +352,8 @@ def validate(cfg: Config, world_size: int) -> Config:
     """Check `cfg` for `world_size` ranks; return a copy with `parallel.dp` resolved."""
     assert world_size >= 1, world_size
     _check_values(cfg)
+    _check_model(cfg.model, cfg.parallel)  # before the world size: a model-vs-degree error is the root cause
     dp = _resolve_dp(cfg.parallel, world_size)
-    _check_model(cfg.model, cfg.parallel)
     _check_batch_and_data(cfg, dp)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
 

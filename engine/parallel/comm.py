@@ -52,6 +52,11 @@ def count_comm():
         COUNTER.active = False
 
 
+# torch 2.13 renamed the tensor collectives (*_single); the GPU machines' 2.11 has only the old names
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -74,7 +79,7 @@ def _all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     moved = t.movedim(dim, 0).contiguous()
     COUNTER.record("all_gather", group, _nbytes(moved) * (n - 1))
     out = torch.empty((n * moved.shape[0],) + moved.shape[1:], dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, moved, group=group)
+    _all_gather_tensor(out, moved, group=group)
     return out.movedim(0, dim)
 
 
@@ -85,7 +90,7 @@ def _reduce_scatter(t: torch.Tensor, dim: int, group) -> torch.Tensor:
         raise ValueError(f"reduce-scatter of size {moved.shape[0]} along dim {dim} over {n} ranks")
     COUNTER.record("reduce_scatter", group, _nbytes(moved) * (n - 1) // n)
     out = torch.empty((moved.shape[0] // n,) + moved.shape[1:], dtype=t.dtype, device=t.device)
-    dist.reduce_scatter_tensor(out, moved, group=group)
+    _reduce_scatter_tensor(out, moved, group=group)
     return out.movedim(0, dim)
 
 
