@@ -20,7 +20,8 @@ Run it under torchrun (or tools/launch.sh) for several processes; the product
 dp·pp·tp·cp must equal the number of processes (parallel.dp=-1 takes the rest)."""
 
 
-def _select_backend(cfg) -> tuple[str, "torch.device"]:
+def _select_backend(cfg):
+    """(backend name, this rank's device): NCCL on CUDA, gloo on CPU, unless dist.backend says."""
     import torch
 
     backend = cfg.dist.backend

@@ -19,10 +19,13 @@ from engine.loss import token_loss_sum
 from engine.model.gpt import GPTModel, init_canonical
 from engine.optim import MeshOptimizer
 from engine.parallel.comm import all_reduce_
+from engine.parallel.context import make_core_attention
+from engine.parallel.context.layout import split_for_cp
 
 
-def build_model(cfg, mesh, core_attention=None) -> GPTModel:
+def build_model(cfg, mesh) -> GPTModel:
     """The rank's shard of the model, initialised identically for every mesh."""
+    core_attention = make_core_attention(mesh)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     with torch.device(mesh.device):
         model = GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention)
@@ -38,12 +41,17 @@ def build_dataset(cfg):
 
 
 def rank_micro_batches(dataset, step: int, cfg, mesh) -> list[PackedBatch]:
-    """This dp rank's share of the global batch of ``step``, as micro-batches."""
+    """This rank's share of the global batch of ``step``, as micro-batches: the dp rank's
+    sequences, and with cp > 1 this cp rank's zigzag slice of each micro-batch (I-3)."""
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_dp = gbs // mesh.dp
     first = step * gbs + mesh.index("dp") * per_dp
     seqs = [dataset.sequence(i) for i in range(first, first + per_dp)]
-    return [concat(seqs[i:i + mbs]).to(mesh.device) for i in range(0, per_dp, mbs)]
+    mbs_list = [concat(seqs[i:i + mbs]) for i in range(0, per_dp, mbs)]
+    if mesh.cp > 1:
+        mbs_list = [split_for_cp(mb, rp=mesh.rp, hp=mesh.hp, tp=mesh.tp, ring_rank=mesh.index("rp"),
+                                 head_rank=mesh.index("hp")) for mb in mbs_list]
+    return [mb.to(mesh.device) for mb in mbs_list]
 
 
 def global_valid_tokens(micro_batches: list[PackedBatch], mesh) -> torch.Tensor:

@@ -152,9 +152,11 @@ def test_unknown_key_in_yaml_suggests_the_closest(tmp_path):
 
 def test_unknown_key_with_nothing_close_lists_the_section():
     assert error(["parallel.zzzz=1"]) == ("unknown key 'parallel.zzzz'; valid keys of 'parallel' "
-                                          "are dp, tp, pp, cp, hp, placement, order")
+                                          "are dp, tp, pp, cp, hp, sp_mode, ring_window, placement, order")
     assert error(["zzzz=1"]) == ("unknown key 'zzzz'; valid sections are model, parallel, optim, "
-                                 "train, data, dist, and top-level aliases cutoff_len")
+                                 "train, data, dist, and top-level aliases cutoff_len, sequence_parallel_size, "
+                                 "sequence_parallel_mode, sequence_parallel_ulysses_degree, "
+                                 "sequence_parallel_ring_degree")
 
 
 # --- types -----------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def test_valid_config_resolves_dp():
     (["model.num_query_groups=3"], 1, "model.num_query_groups=3 does not divide "
                                       "model.num_attention_heads=8; use model.num_query_groups="
                                       "1, 2, 4 or 8"),
-    (["parallel.tp=4", "parallel.cp=4", "parallel.hp=4"], 16,
+    (["parallel.tp=4", "parallel.cp=4", "parallel.sp_mode=ulysses"], 16,
      "tp*hp = 4*4 = 16 does not divide model.num_attention_heads=8; with tp=4, cp=4 use "
      "parallel.hp=1 or 2"),
     (["parallel.pp=3"], 3, "parallel.pp=3 is more than model.num_layers=2; use pp <= 2"),
@@ -305,7 +307,7 @@ def test_validation_messages_say_what_to_change(overrides, world_size, message):
 
 def test_validation_accepts_what_it_suggests():
     valid(["model.hidden_size=100", "model.kv_channels=16"])  # head dim given explicitly
-    valid(["parallel.tp=2", "parallel.cp=2", "parallel.hp=2", "parallel.order=pp-dp-cp-tp",
+    valid(["parallel.tp=2", "parallel.cp=2", "parallel.sp_mode=ulysses", "parallel.order=pp-dp-cp-tp",
            "parallel.placement=context-first", "data.seq_len=8"], world_size=8)
     valid(["parallel.pp=2", "optim.min_lr=0", "optim.lr=1e-3", "optim.clip_grad=0"], 2)
     valid(["model.kv_channels=null", "model.rope_scaling={rope_type: llama3, factor: 8, "

@@ -13,7 +13,6 @@ One gloo world per world size (2, 4, 8); each runs every mesh of that size and b
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.harness import max_rel_diff, run_world
 

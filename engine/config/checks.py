@@ -1,0 +1,174 @@
+"""`validate`: the checks that need the world size or span several fields, with the fix in the message."""
+
+import dataclasses
+
+from engine.config.schema import Config, ConfigError, ModelConfig, ParallelConfig
+
+_AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
+                 "model.num_attention_heads", "model.num_query_groups", "model.vocab_size",
+                 "model.make_vocab_size_divisible_by", "model.max_position_embeddings",
+                 "parallel.tp", "parallel.pp", "parallel.cp", "parallel.hp", "train.steps",
+                 "train.global_batch_size", "train.micro_batch_size", "train.log_interval")
+_POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std", "optim.lr",
+             "optim.eps", "dist.timeout_s")
+_NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad")
+_CHOICES = {"model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic",),
+            "parallel.placement": ("head-first", "context-first"),
+            "parallel.sp_mode": ("ring", "ulysses", "hybrid"),
+            "dist.backend": ("auto", "gloo", "nccl")}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Check `cfg` for `world_size` ranks; return a copy with `parallel.dp` resolved."""
+    assert world_size >= 1, world_size
+    _check_values(cfg)
+    cfg = dataclasses.replace(cfg, parallel=_resolve_sp_mode(cfg.parallel))
+    _check_model(cfg.model, cfg.parallel)  # before the world size: a model-vs-degree error is the root cause
+    dp = _resolve_dp(cfg.parallel, world_size)
+    _check_batch_and_data(cfg, dp)
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
+
+
+def _check_values(cfg: Config) -> None:
+    def value(key):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, allowed in _CHOICES.items():
+        if value(key) not in allowed:
+            raise ConfigError(f"{key}={value(key)!r} is not supported; use {key}={_list(allowed)}")
+    for keys, rule, ok in ((_AT_LEAST_ONE, ">= 1", lambda v: v >= 1),
+                           (_POSITIVE, "> 0", lambda v: v > 0),
+                           (_NON_NEGATIVE, ">= 0", lambda v: v >= 0),
+                           (("optim.beta1", "optim.beta2"), "in [0, 1)", lambda v: 0 <= v < 1)):
+        for key in keys:
+            if not ok(value(key)):
+                raise ConfigError(f"{key}={value(key)} must be {rule}")
+    if cfg.model.kv_channels is not None and cfg.model.kv_channels < 1:
+        raise ConfigError(f"model.kv_channels={cfg.model.kv_channels} must be >= 1, or null")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}; "
+                          f"lower min_lr or raise lr")
+    p = cfg.parallel
+    if p.dp < 1 and p.dp != -1:
+        raise ConfigError(f"parallel.dp={p.dp} must be >= 1, or -1 for the ranks left over")
+    if sorted(p.order.split("-")) != ["cp", "dp", "pp", "tp"]:
+        raise ConfigError(f"parallel.order={p.order!r} must name each of tp, cp, dp, pp once, "
+                          f"joined by '-', innermost first, e.g. 'tp-cp-dp-pp'")
+    if p.cp % p.hp:
+        raise ConfigError(f"parallel.hp={p.hp} does not divide parallel.cp={p.cp}; use "
+                          f"parallel.hp={_list(_divisors(p.cp))}")
+
+
+def _resolve_sp_mode(p: ParallelConfig) -> ParallelConfig:
+    """hp follows from sp_mode: ring -> 1, ulysses -> cp, hybrid -> given (1 < hp < cp)."""
+    if p.sp_mode == "ring":
+        if p.hp != 1:
+            raise ConfigError(f"parallel.sp_mode=ring uses hp=1 but parallel.hp={p.hp}; use "
+                              f"parallel.sp_mode=hybrid for hp x ring, or drop parallel.hp")
+        hp = 1
+    elif p.sp_mode == "ulysses":
+        if p.hp not in (1, p.cp):
+            raise ConfigError(f"parallel.sp_mode=ulysses uses hp=cp={p.cp} but parallel.hp={p.hp}; "
+                              f"use parallel.sp_mode=hybrid for hp x ring, or drop parallel.hp")
+        hp = p.cp
+    else:
+        if p.cp > 1 and not 1 < p.hp < p.cp:
+            raise ConfigError(f"parallel.sp_mode=hybrid needs 1 < parallel.hp < parallel.cp={p.cp}, "
+                              f"got hp={p.hp}; use parallel.hp="
+                              f"{_list([h for h in _divisors(p.cp) if 1 < h < p.cp] or [1])}, or sp_mode "
+                              f"ring / ulysses")
+        hp = p.hp
+    rp = p.cp // hp if p.cp % hp == 0 else 0
+    if p.ring_window and (rp == 0 or rp % p.ring_window or p.ring_window < 1):
+        raise ConfigError(f"parallel.ring_window={p.ring_window} does not divide the ring degree "
+                          f"rp={rp}; use parallel.ring_window={_list([0] + _divisors(rp)) if rp else 0}")
+    return dataclasses.replace(p, hp=hp)
+
+
+def _resolve_dp(p: ParallelConfig, world_size: int) -> int:
+    inner = p.tp * p.pp * p.cp
+    if world_size % inner:
+        raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*"
+                          f"{p.cp} = {inner}; change parallel.tp, pp or cp, or run on a multiple "
+                          f"of {inner} ranks")
+    if p.dp != -1 and p.dp * inner != world_size:
+        raise ConfigError(f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} = {inner * p.dp} does not "
+                          f"match world size {world_size}; set parallel.dp={world_size // inner} "
+                          f"(or -1)")
+    return world_size // inner
+
+
+def _check_model(m: ModelConfig, p: ParallelConfig) -> None:
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if heads % groups:
+        raise ConfigError(f"model.num_query_groups={groups} does not divide "
+                          f"model.num_attention_heads={heads}; "
+                          f"use model.num_query_groups={_list(_divisors(heads))}")
+    if heads % p.tp or groups % p.tp:
+        name, n = ("num_attention_heads", heads) if heads % p.tp else ("num_query_groups", groups)
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.{name}={n}; use "
+                          f"parallel.tp={_list(_divisors(groups))}"
+                          + (f" (tp must divide both num_attention_heads={heads} and "
+                             f"num_query_groups={groups})" if groups != heads else ""))
+    local_groups = groups // p.tp
+    if p.hp > 1 and local_groups % p.hp and p.hp % local_groups:
+        raise ConfigError(f"model.num_query_groups={groups} over tp={p.tp} leaves {local_groups} KV "
+                          f"heads per rank, which neither divides nor is a multiple of hp={p.hp}; use "
+                          f"parallel.hp={_list([h for h in _divisors(p.cp) if local_groups % h == 0 or h % local_groups == 0])}")
+    if heads % (p.tp * p.hp):
+        hp_ok = [h for h in _divisors(p.cp) if heads % (p.tp * h) == 0]
+        raise ConfigError(f"tp*hp = {p.tp}*{p.hp} = {p.tp * p.hp} does not divide "
+                          f"model.num_attention_heads={heads}; with tp={p.tp}, cp={p.cp} use "
+                          f"parallel.hp={_list(hp_ok)}")
+    if p.pp > m.num_layers:
+        raise ConfigError(f"parallel.pp={p.pp} is more than model.num_layers={m.num_layers}; use "
+                          f"pp <= {m.num_layers}")
+    if m.kv_channels is None and m.hidden_size % heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                          f"model.num_attention_heads={heads}; set model.kv_channels or use "
+                          f"model.hidden_size={_list(_near_multiples(m.hidden_size, heads))}")
+    rs = m.rope_scaling
+    if rs is not None and rs.get("rope_type") != "llama3":
+        raise ConfigError(f"model.rope_scaling.rope_type={rs.get('rope_type')!r} is not supported; "
+                          f"use 'llama3', or model.rope_scaling=null")
+    bad = [k for k in _LLAMA3_KEYS if rs is not None and
+           (isinstance(rs.get(k), bool) or not isinstance(rs.get(k), int | float))]
+    if bad:
+        raise ConfigError(f"model.rope_scaling with rope_type 'llama3' needs a number for each "
+                          f"of {', '.join(bad)}")
+
+
+def _check_batch_and_data(cfg: Config, dp: int) -> None:
+    t, d, p = cfg.train, cfg.data, cfg.parallel
+    per_step = dp * t.micro_batch_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"dp*micro_batch_size = {dp}*{t.micro_batch_size} = {per_step}; use "
+                          f"train.global_batch_size="
+                          f"{_list(_near_multiples(t.global_batch_size, per_step))}")
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
+    # cp cuts every sequence into 2*cp zigzag chunks, then tp's sequence parallelism splits them.
+    unit, why = (2 * p.cp * p.tp, f"2*cp*tp = 2*{p.cp}*{p.tp} = ") if p.cp > 1 else (p.tp, "tp=")
+    if d.seq_len % unit:
+        raise ConfigError(f"data.seq_len={d.seq_len} is not divisible by {why}{unit}; use "
+                          f"data.seq_len={_list(_near_multiples(d.seq_len, unit))}")
+    if min(d.min_doc_len, d.max_doc_len) < 2 or d.min_doc_len > d.max_doc_len:
+        raise ConfigError(f"data.min_doc_len={d.min_doc_len} and data.max_doc_len={d.max_doc_len} "
+                          f"must satisfy 2 <= min_doc_len <= max_doc_len")
+
+
+def _divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def _near_multiples(n: int, unit: int) -> list[int]:
+    below = n // unit * unit
+    return [m for m in (below, below + unit) if m > 0]
+
+
+def _list(values) -> str:
+    *rest, last = map(str, values)
+    return f"{', '.join(rest)} or {last}" if rest else last

@@ -1,0 +1,159 @@
+"""The configuration schema: typed dataclasses, a docstring under every field."""
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A mistake in the config file or on the command line; the message says the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    """Model family: "llama", "qwen2" or "mistral"."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    ffn_hidden_size: int = 176
+    """Width of the SwiGLU MLP (each of gate and up)."""
+    num_attention_heads: int = 8
+    """Number of query heads."""
+    num_query_groups: int = 4
+    """Number of key/value heads (GQA); equal to num_attention_heads for plain multi-head."""
+    kv_channels: int | None = None
+    """Head dimension; None means hidden_size // num_attention_heads."""
+    vocab_size: int = 512
+    """Tokenizer vocabulary size (before padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times tp."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of RMSNorm."""
+    rotary_base: float = 10000.0
+    """RoPE base frequency (HF: rope_theta)."""
+    rope_scaling: dict | None = None
+    """Llama-3 RoPE scaling: {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings}; None for plain RoPE."""
+    add_qkv_bias: bool = False
+    """Bias on the q, k, v projections (Qwen2 uses it)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    max_position_embeddings: int = 4096
+    """Longest position the model is meant for (recorded in checkpoints)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights."""
+    load: str | None = None
+    """Checkpoint directory to load weights from; None starts from random weights."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1
+    """Data-parallel degree; -1 uses the ranks left over by tp, pp and cp."""
+    tp: int = 1
+    """Tensor-parallel degree (with sequence-parallel activations)."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    cp: int = 1
+    """Context-parallel degree, hp * rp."""
+    hp: int = 1
+    """Head-parallel (Ulysses) degree inside cp; the ring degree is rp = cp // hp."""
+    sp_mode: str = "ring"
+    """Context-parallel attention when cp > 1: "ring" (zigzag ring over all cp ranks, hp = 1),
+    "ulysses" (all-to-all over all cp ranks, hp = cp) or "hybrid" (hp-way Ulysses × cp/hp-way
+    ring: LoongTrain's 2D attention)."""
+    ring_window: int = 0
+    """Double ring: inner rings of this many ring ranks, with the outer exchange overlapped;
+    0 = one ring of all rp ranks. Must divide rp."""
+    placement: str = "head-first"
+    """Inside cp, "head-first" puts the hp ranks next to each other, "context-first" the ring."""
+    order: str = "tp-cp-dp-pp"
+    """Order of the axes on the ranks, innermost (neighbouring ranks) first, joined by '-'."""
+
+    @property
+    def rp(self) -> int:
+        return self.cp // self.hp
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 2
+    """Steps of linear warmup from 0 to lr."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    """Number of optimizer steps."""
+    seed: int = 1234
+    """Seed of weights initialisation and synthetic data."""
+    output_dir: str = "runs/default"
+    """Where metrics, the resolved config and checkpoints are written."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, the same for every mesh."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch on each dp rank."""
+    bf16: bool = False
+    """bf16 parameters and activations with fp32 master weights."""
+    log_interval: int = 1
+    """Log metrics every this many steps."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """Where sequences come from; only "synthetic" for now."""
+    seq_len: int = 256
+    """Tokens per packed sequence (LLaMA-Factory: cutoff_len)."""
+    min_doc_len: int = 8
+    """Shortest synthetic document, in tokens."""
+    max_doc_len: int = 200
+    """Longest synthetic document, in tokens."""
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """Process-group backend: "auto" (nccl when CUDA is available, else gloo), "gloo" or "nccl"."""
+    timeout_s: float = 300.0
+    """Collective timeout in seconds; a dead rank ends the run after this."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Degrees and layout of the device mesh."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data pipeline."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """torch.distributed settings."""
+
+
+# Keys of other tools (LLaMA-Factory) accepted at the top level of the YAML and as overrides
+# without a section -> the dotted key they set, or a function (raw_nested_dict, value) -> None
+# for keys that map onto several fields; such a function raises ConfigError itself when the
+# dict already holds a different value. A dotted key on the command line wins over a function.

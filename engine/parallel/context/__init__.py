@@ -1,0 +1,38 @@
+"""Context parallelism: sequence layout, zigzag ring, Ulysses, and their 2D composition.
+
+``make_core_attention(mesh)`` returns the attention the model calls with this rank's q/k/v
+(``[t, H/tp, D]``, ``[t, G/tp, D]``) and its :class:`~.layout.CPBatch`:
+
+* hp > 1: Ulysses all-to-all in the hp group (scatter heads, gather the ring rank's stream);
+* rp > 1: zigzag ring attention over the rp group on that stream; rp = 1: local attention;
+* all-to-all back.
+
+``ring`` is hp = 1, ``ulysses`` is rp = 1, ``hybrid`` is both (LoongTrain's 2D attention); the
+placement of hp and rp ranks is the mesh's business.
+"""
+from __future__ import annotations
+
+from engine.kernels.attention import _LocalAttention
+from engine.parallel.context.ring import RingComm, ring_attention
+from engine.parallel.context.ulysses import heads_to_seq, kv_for_heads, seq_to_heads
+
+
+def make_core_attention(mesh):
+    """The core attention of this rank's mesh position (None when cp = 1: the model's default)."""
+    if mesh.cp == 1:
+        return None
+    hp, hp_group = mesh.hp, mesh.group("hp")
+    comm = RingComm(mesh.group("rp"), mesh.ranks("rp"), mesh.index("rp")) if mesh.rp > 1 else None
+
+    def core_attention(q, k, v, batch):
+        meta = batch.meta
+        q = seq_to_heads(q, hp_group, hp)
+        k = seq_to_heads(kv_for_heads(k, hp), hp_group, hp)
+        v = seq_to_heads(kv_for_heads(v, hp), hp_group, hp)
+        if comm is None:
+            out = _LocalAttention.apply(q, k, v, meta.cu_seqlens, meta.cu_seqlens, True, None)
+        else:
+            out = ring_attention(q, k, v, meta, comm)
+        return heads_to_seq(out, hp_group, hp)
+
+    return core_attention
