@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # every rank reaches the barrier before any tears its connections down (gloo aborts a
+        # peer whose pairs close while it is still finishing its last p2p exchange)
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -25,7 +25,7 @@ from engine.parallel.context.layout import split_for_cp
 
 def build_model(cfg, mesh) -> GPTModel:
     """The rank's shard of the model, initialised identically for every mesh."""
-    core_attention = make_core_attention(mesh)
+    core_attention = make_core_attention(mesh, cfg.parallel.ring_window)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     with torch.device(mesh.device):
         model = GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention)

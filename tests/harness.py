@@ -37,6 +37,7 @@ def _worker(rank, world, port, outdir, fn, args):
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
         os._exit(1)  # do not wait on collectives the failed rank will never join
+    dist.barrier()  # no rank tears down its gloo pairs while a peer still finishes p2p
     dist.destroy_process_group()
 
 

@@ -13,16 +13,16 @@ placement of hp and rp ranks is the mesh's business.
 from __future__ import annotations
 
 from engine.kernels.attention import _LocalAttention
-from engine.parallel.context.ring import RingComm, ring_attention
+from engine.parallel.context.ring import DoubleRing, ring_attention
 from engine.parallel.context.ulysses import heads_to_seq, kv_for_heads, seq_to_heads
 
 
-def make_core_attention(mesh):
+def make_core_attention(mesh, ring_window: int = 0):
     """The core attention of this rank's mesh position (None when cp = 1: the model's default)."""
     if mesh.cp == 1:
         return None
     hp, hp_group = mesh.hp, mesh.group("hp")
-    comm = RingComm(mesh.group("rp"), mesh.ranks("rp"), mesh.index("rp")) if mesh.rp > 1 else None
+    comm = DoubleRing(mesh.group("rp"), mesh.ranks("rp"), mesh.index("rp"), ring_window) if mesh.rp > 1 else None
 
     def core_attention(q, k, v, batch):
         meta = batch.meta

@@ -61,97 +61,167 @@ def _merge(out, lse, out_b, lse_b, rows=None):
     lse.sub_(F.logsigmoid(lse - lse_b))
 
 
-def _block(step_src: int, r: int, meta):
-    """Which queries and keys of a block take part: ('self'|'front'|'back')."""
-    return "self" if step_src == r else ("front" if step_src < r else "back")
+def _kind(src: int, r: int) -> str:
+    """How block ``src`` meets ring rank ``r``'s queries (zigzag): self, front or back."""
+    return "self" if src == r else ("front" if src < r else "back")
 
 
-def ring_forward(q, k, v, meta, comm: RingComm, scale):
-    r = comm.index
+def _block_forward(kind, q, kv, meta, scale, out, lse):
+    cu, half = meta.cu_seqlens, meta.half_cu_seqlens
+    if kind == "self":
+        o, l = attention_forward(q, kv[0], kv[1], cu, cu, causal=True, scale=scale)
+        out.copy_(o.float())
+        lse.copy_(l)
+    elif kind == "front":
+        o, l = attention_forward(q, kv[0][meta.front_idx], kv[1][meta.front_idx], cu, half,
+                                 causal=False, scale=scale)
+        _merge(out, lse, o, l)
+    else:
+        o, l = attention_forward(q[meta.back_idx], kv[0], kv[1], half, cu, causal=False, scale=scale)
+        _merge(out, lse, o, l, rows=meta.back_idx)
+
+
+def _block_backward(kind, dout, q, kv, out, lse, meta, scale, dq):
+    """Adds this block's dQ into ``dq``; returns the block's (dK, dV) in fp32."""
+    cu, half, front, back = meta.cu_seqlens, meta.half_cu_seqlens, meta.front_idx, meta.back_idx
+    dk = torch.zeros(kv[0].shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    if kind == "self":
+        a, b, c = attention_backward(dout, q, kv[0], kv[1], out, lse, cu, cu, causal=True, scale=scale)
+        dq += a.float()
+        dk += b.float()
+        dv += c.float()
+    elif kind == "front":
+        a, b, c = attention_backward(dout, q, kv[0][front], kv[1][front], out, lse, cu, half,
+                                     causal=False, scale=scale)
+        dq += a.float()
+        dk[front] += b.float()
+        dv[front] += c.float()
+    else:
+        a, b, c = attention_backward(dout[back], q[back], kv[0], kv[1], out[back], lse[:, back],
+                                     half, cu, causal=False, scale=scale)
+        dq[back] += a.float()
+        dk += b.float()
+        dv += c.float()
+    return dk, dv
+
+
+class DoubleRing:
+    """The rp ring ranks as ``rp / window`` windows of ``window`` consecutive ring ranks.
+
+    Inner rings circulate K/V inside a window; between rounds every window passes the block it
+    started the round with to the same position of the next window (the *outer* ring), while the
+    inner steps compute. ``window = rp`` is the plain ring. Per pass every rank receives rp − 1
+    blocks: (rp/window)·(window − 1) inner + (rp/window − 1) outer.
+    """
+
+    def __init__(self, group, ranks: list[int], index: int, window: int = 0):
+        rp = len(ranks)
+        self.rp, self.r = rp, index
+        self.w = window or rp
+        self.nw = rp // self.w
+        self.win, self.pos = divmod(index, self.w)
+        w0 = self.win * self.w
+        self.inner = RingComm(group, ranks[w0:w0 + self.w], self.pos)
+        outer_ranks = [ranks[x * self.w + self.pos] for x in range(self.nw)]
+        self.outer = RingComm(group, outer_ranks, self.win)
+        self.outer_back = RingComm(group, outer_ranks[::-1], self.nw - 1 - self.win)
+
+    def src(self, rnd: int, step: int) -> int:
+        """Ring rank whose K/V block this rank holds at inner ``step`` of outer round ``rnd``."""
+        window = (self.win - rnd) % self.nw
+        return window * self.w + (self.pos - step) % self.w
+
+
+def ring_forward(q, k, v, meta, ring: DoubleRing, scale):
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    cu, half = meta.cu_seqlens, meta.half_cu_seqlens
     kv = [k, v]
-    for step in range(comm.size):
-        pending = comm.exchange(kv, "ring_kv") if step < comm.size - 1 else None
-        kind = _block((r - step) % comm.size, r, meta)
-        if kind == "self":
-            o, l = attention_forward(q, kv[0], kv[1], cu, cu, causal=True, scale=scale)
-            out.copy_(o.float())
-            lse.copy_(l)
-        elif kind == "front":
-            o, l = attention_forward(q, kv[0][meta.front_idx], kv[1][meta.front_idx], cu, half,
-                                     causal=False, scale=scale)
-            _merge(out, lse, o, l)
-        else:
-            o, l = attention_forward(q[meta.back_idx], kv[0], kv[1], half, cu, causal=False, scale=scale)
-            _merge(out, lse, o, l, rows=meta.back_idx)
-        if pending is not None:
-            wait, kv = pending
+    for rnd in range(ring.nw):
+        outer = ring.outer.exchange(kv, "ring_kv") if rnd < ring.nw - 1 else None
+        for step in range(ring.w):
+            inner = ring.inner.exchange(kv, "ring_kv") if step < ring.w - 1 else None
+            _block_forward(_kind(ring.src(rnd, step), ring.r), q, kv, meta, scale, out, lse)
+            if inner is not None:
+                wait, kv = inner
+                wait()
+        if outer is not None:
+            wait, kv = outer
             wait()
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout, q, k, v, out, lse, meta, comm: RingComm, scale):
-    r = comm.index
-    cu, half, front, back = meta.cu_seqlens, meta.half_cu_seqlens, meta.front_idx, meta.back_idx
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv, acc_pending, acc = [k, v], None, None
-    for step in range(comm.size):
-        pending = comm.exchange(kv, "ring_kv") if step < comm.size - 1 else None
-        kind = _block((r - step) % comm.size, r, meta)
-        dk_b = torch.zeros(kv[0].shape, dtype=torch.float32, device=q.device)
-        dv_b = torch.zeros_like(dk_b)
-        if kind == "self":
-            a, b, c = attention_backward(dout, q, kv[0], kv[1], out, lse, cu, cu, causal=True, scale=scale)
-            dq += a.float()
-            dk_b += b.float()
-            dv_b += c.float()
-        elif kind == "front":
-            a, b, c = attention_backward(dout, q, kv[0][front], kv[1][front], out, lse, cu, half,
-                                         causal=False, scale=scale)
-            dq += a.float()
-            dk_b[front] += b.float()
-            dv_b[front] += c.float()
-        else:
-            a, b, c = attention_backward(dout[back], q[back], kv[0], kv[1], out[back], lse[:, back],
-                                         half, cu, causal=False, scale=scale)
-            dq[back] += a.float()
-            dk_b += b.float()
-            dv_b += c.float()
+def _round_backward(dout, q, kv, out, lse, meta, ring: DoubleRing, rnd: int, scale, dq):
+    """One outer round of the backward pass: K/V circulate the inner ring; each block's dK/dV
+    accumulator travels one hop behind it and, after window − 1 hops, reaches the rank that
+    started the round with that block. Returns that (round-start) block's dK/dV."""
+    pending = None
+    for step in range(ring.w):
+        exchange = ring.inner.exchange(kv, "ring_kv") if step < ring.w - 1 else None
+        dk_b, dv_b = _block_backward(_kind(ring.src(rnd, step), ring.r), dout, q, kv, out, lse, meta,
+                                     scale, dq)
         if step == 0:
-            dk_own, dv_own = dk_b, dv_b
+            dk_start, dv_start = dk_b, dv_b
         else:
-            if acc_pending is not None:  # the accumulator of this block, one hop behind it
-                acc_pending()
+            if pending is not None:
+                wait, acc = pending
+                wait()
                 dk_b += acc[0]
                 dv_b += acc[1]
-            acc_pending, acc = comm.exchange([dk_b, dv_b], "ring_dkv")
-        if pending is not None:
-            wait, kv = pending
+            pending = ring.inner.exchange([dk_b, dv_b], "ring_dkv")
+        if exchange is not None:
+            wait, kv = exchange
             wait()
-    if acc_pending is not None:  # own block's remote contributions, home after rp−1 hops
-        acc_pending()
-        dk_own += acc[0]
-        dv_own += acc[1]
-    return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
+    if pending is not None:
+        wait, acc = pending
+        wait()
+        dk_start += acc[0]
+        dv_start += acc[1]
+    return dk_start, dv_start
+
+
+def ring_backward(dout, q, k, v, out, lse, meta, ring: DoubleRing, scale):
+    """Outer rounds run in reverse (nw−1 … 0): a round's dK/dV total for its start block goes
+    back along the outer ring to the window that processes the same block one round earlier,
+    and round 0's block is this rank's own."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv, acc_pending = [k, v], None
+    if ring.nw > 1:
+        wait, kv = ring.outer_back.exchange([k, v], "ring_kv")
+        wait()
+    for rnd in reversed(range(ring.nw)):
+        prefetch = ring.outer_back.exchange(kv, "ring_kv") if rnd >= 2 else None
+        dk_r, dv_r = _round_backward(dout, q, kv, out, lse, meta, ring, rnd, scale, dq)
+        if acc_pending is not None:
+            wait, acc = acc_pending
+            wait()
+            dk_r += acc[0]
+            dv_r += acc[1]
+        if rnd > 0:
+            acc_pending = ring.outer_back.exchange([dk_r, dv_r], "ring_dkv")
+            if prefetch is not None:
+                wait, kv = prefetch
+                wait()
+            else:
+                kv = [k, v]
+    return dq.to(q.dtype), dk_r.to(k.dtype), dv_r.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, comm, scale):
-        out, lse = ring_forward(q, k, v, meta, comm, scale)
+    def forward(ctx, q, k, v, meta, ring, scale):
+        out, lse = ring_forward(q, k, v, meta, ring, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta, ctx.comm, ctx.scale = meta, comm, scale
+        ctx.meta, ctx.ring, ctx.scale = meta, ring, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.meta, ctx.comm, ctx.scale)
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.meta, ctx.ring, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
-def ring_attention(q_SHD, k_SGD, v_SGD, meta, comm: RingComm, scale=None):
-    """Causal zigzag ring attention of this ring rank's stream; ``[S, H, D]`` out."""
-    return _RingAttention.apply(q_SHD, k_SGD, v_SGD, meta, comm, scale)
+def ring_attention(q_SHD, k_SGD, v_SGD, meta, ring: DoubleRing, scale=None):
+    """Causal zigzag (double) ring attention of this ring rank's stream; ``[S, H, D]`` out."""
+    return _RingAttention.apply(q_SHD, k_SGD, v_SGD, meta, ring, scale)
