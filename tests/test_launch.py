@@ -40,9 +40,15 @@ def single_losses(tmp_path_factory):
     return losses(out)
 
 
-@pytest.mark.parametrize("overrides", [["parallel.tp=2", "parallel.dp=2"]])
-def test_launch_sh_matches_single_process(tmp_path, single_losses, overrides):
-    r = run(["bash", "tools/launch.sh", TINY, *overrides, "train.steps=3", f"train.output_dir={tmp_path}"], nproc=4)
+@pytest.mark.parametrize("nproc,overrides", [
+    (4, ["parallel.tp=2", "parallel.dp=2"]),
+    (2, ["parallel.cp=2", "parallel.sp_mode=ring"]),
+    (2, ["parallel.cp=2", "parallel.sp_mode=ulysses"]),
+    (4, ["parallel.cp=4", "parallel.sp_mode=hybrid", "parallel.hp=2"]),
+    (2, ["sequence_parallel_size=2", "sequence_parallel_mode=zigzag-ring"]),
+], ids=["tp2-dp2", "cp2-ring", "cp2-ulysses", "cp4-hybrid-hp2", "360lf-keys"])
+def test_launch_sh_matches_single_process(tmp_path, single_losses, nproc, overrides):
+    r = run(["bash", "tools/launch.sh", TINY, *overrides, "train.steps=3", f"train.output_dir={tmp_path}"], nproc=nproc)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     got = losses(tmp_path)
     assert len(got) == 3
@@ -56,6 +62,12 @@ def test_launch_sh_matches_single_process(tmp_path, single_losses, overrides):
     (["parallel.tp=2", "parallel.dp=2"], "world size 1 is not divisible by tp*pp*cp = 2*1*1 = 2"),
     (["parallel.dp=2"], "does not match world size 1; set parallel.dp=1"),
     (["train.steps=two"], "train.steps"),
+    (["parallel.cp=4", "parallel.sp_mode=ulysses", "parallel.tp=4"],
+     "tp*hp = 4*4 = 16 does not divide model.num_attention_heads=8"),
+    (["model.num_query_groups=6", "parallel.cp=8", "parallel.sp_mode=hybrid", "parallel.hp=4",
+      "model.num_attention_heads=24", "model.hidden_size=96", "parallel.tp=2"],
+     "model.num_query_groups=6 over tp=2 leaves 3 KV heads per rank, which neither divides nor is a multiple of hp=4"),
+    (["sequence_parallel_mode=striped"], "sequence_parallel_mode='striped' is not supported"),
 ])
 def test_bad_config_fails_fast_single_process(args, message):
     r = run(train_cli(*args), timeout=60)
