@@ -17,10 +17,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "convert", "convert.*"]),
-    # torch: a range the CPU 2.13 build and the GPU machines' 2.11 CUDA build both satisfy; with
-    # torch already installed pip adds nothing (never a multi-GB CUDA wheel on a CPU machine).
+    # torch: a range that the CPU 2.13 build and the GPU machines' 2.11 CUDA build both satisfy;
+    # capped below 2.14, whose only wheel here is a multi-GB CUDA build.
     install_requires=[
-        "torch>=2.6,<2.15",
+        "torch>=2.6,<2.14",
         "transformers>=4.45",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
