@@ -19,6 +19,7 @@ from engine.kernels.attention import attention_backward, attention_forward, loca
 TOL_FP32 = 1e-5
 TOL_BF16 = 2e-2
 DOCS = [1, 2, 3, 17, 64, 1100]  # 1100 crosses the reference's 1024-row query block
+DOCS_SHORT = [1, 2, 3, 17, 64, 300]  # same shapes, cheaper: used where 1100 adds nothing new
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -126,7 +127,9 @@ def check_all(q, k, v, cu_q, cu_k, causal, scale=None, tol=TOL_FP32, seed=7):
 @pytest.mark.parametrize("dim", [16, 64])
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 1), (8, 2)], ids=["mha", "gqa4:1", "gqa8:2"])
 def test_packed_uneven_documents(heads, groups, dim, causal):
-    q, k, v, cu_q, cu_k = make_qkv(DOCS, DOCS, heads, groups, dim, seed=heads * 100 + groups * 10 + dim)
+    # the long document (two query blocks) with head dim 16; head dim 64 on shorter ones (runtime)
+    lens = DOCS if dim == 16 else DOCS_SHORT
+    q, k, v, cu_q, cu_k = make_qkv(lens, lens, heads, groups, dim, seed=heads * 100 + groups * 10 + dim)
     check_all(q, k, v, cu_q, cu_k, causal)
 
 
@@ -201,9 +204,6 @@ def test_rows_that_see_no_key():
     assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
 
 
-@pytest.mark.xfail(strict=True, reason="attention_forward crashes on a document with zero keys: "
-                   "_scores gives [G, a, bq, 0] and s.amax(-1) raises on the empty dim "
-                   "(engine/kernels/attention.py, attention_forward)")
 def test_document_with_no_keys():
     """A document with queries but no keys: every row sees no key -> out 0, lse -inf."""
     lens_q, lens_k = [4, 3], [4, 0]
@@ -268,7 +268,7 @@ def test_merge_two_key_halves(heads, groups):
 # -- bf16 ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_bf16(causal):
-    lens = [1, 3, 17, 64, 1100]
+    lens = [1, 3, 17, 64, 1100] if causal else DOCS_SHORT
     q, k, v, cu_q, cu_k = make_qkv(lens, lens, 8, 2, 64, seed=61, dtype=torch.bfloat16)
     out, lse, grads = check_all(q, k, v, cu_q, cu_k, causal, tol=TOL_BF16)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32

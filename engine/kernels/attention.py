@@ -54,6 +54,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q=None, max_k=Non
     out = torch.zeros_like(q)
     lse = torch.full((num_heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     for sq0, sq1, sk0, sk1 in _doc_spans(cu_seqlens_q, cu_seqlens_k):
+        if sk1 == sk0:  # no keys: out stays 0, lse -inf
+            continue
         k_doc, v_doc = k[sk0:sk1], v[sk0:sk1]
         for b0, b1 in _blocks(sq0, sq1):
             s = _scores(q[b0:b1], k_doc, scale, causal, b0 - sq0, sq1 - sq0, sk1 - sk0)
@@ -82,6 +84,8 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     delta = (dout.float() * out.float()).sum(-1)  # [Tq, H]
     for sq0, sq1, sk0, sk1 in _doc_spans(cu_seqlens_q, cu_seqlens_k):
+        if sk1 == sk0:
+            continue
         k_doc, v_doc = k[sk0:sk1], v[sk0:sk1]
         for b0, b1 in _blocks(sq0, sq1):
             s = _scores(q[b0:b1], k_doc, scale, causal, b0 - sq0, sq1 - sq0, sk1 - sk0)
