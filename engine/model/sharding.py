@@ -28,6 +28,21 @@ _TP_RULES = (
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
+def canonical_names(model: dict) -> list[str]:
+    """Every canonical tensor name of a model config (dict of ModelConfig fields), in model order."""
+    layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
+    if model["add_qkv_bias"]:
+        layer.append("self_attention.linear_qkv.bias")
+    layer += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
+              "mlp.linear_fc2.weight"]
+    names = ["embedding.word_embeddings.weight"]
+    names += [f"decoder.layers.{i}.{n}" for i in range(model["num_layers"]) for n in layer]
+    names.append("decoder.final_layernorm.weight")
+    if not model["tie_word_embeddings"]:
+        names.append("output_layer.weight")
+    return names
+
+
 def tp_split(name: str) -> tuple[int, int] | None:
     """``(dim, parts)`` of a canonical or local tensor name, or None when replicated over tp."""
     for suffix, split in _TP_RULES:
