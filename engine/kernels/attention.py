@@ -104,18 +104,25 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
 
 
 class _LocalAttention(torch.autograd.Function):
+    """Autograd over the kernel contract; the implementation is chosen by ``dispatch`` (flash
+    kernels on CUDA, this module's reference elsewhere)."""
+
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, causal, scale):
-        out, lse = attention_forward(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
+        from engine.kernels import dispatch
+
+        out, lse = dispatch.forward(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        from engine.kernels import dispatch
+
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k,
-                                        causal=ctx.causal, scale=ctx.scale)
+        dq, dk, dv = dispatch.backward(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                       causal=ctx.causal, scale=ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine.kernels.attention import attention_backward, attention_forward
+from engine.kernels.dispatch import backward as attention_backward
+from engine.kernels.dispatch import forward as attention_forward
 from engine.parallel.comm import COUNTER
 
 
