@@ -75,10 +75,11 @@ def _resolve_sp_mode(p: ParallelConfig) -> ParallelConfig:
         hp = p.cp
     else:
         if p.cp > 1 and not 1 < p.hp < p.cp:
+            valid = [h for h in _divisors(p.cp) if 1 < h < p.cp]
+            fix = (f"use parallel.hp={_list(valid)}" if valid else
+                   f"hybrid needs cp >= 4 (hp and rp both > 1)")
             raise ConfigError(f"parallel.sp_mode=hybrid needs 1 < parallel.hp < parallel.cp={p.cp}, "
-                              f"got hp={p.hp}; use parallel.hp="
-                              f"{_list([h for h in _divisors(p.cp) if 1 < h < p.cp] or [1])}, or sp_mode "
-                              f"ring / ulysses")
+                              f"got hp={p.hp}; {fix}, or use parallel.sp_mode=ring or ulysses")
         hp = p.hp
     rp = p.cp // hp if p.cp % hp == 0 else 0
     if p.ring_window and (rp == 0 or rp % p.ring_window or p.ring_window < 1):

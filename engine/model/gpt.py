@@ -13,11 +13,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.model.layers import RMSNorm, RotaryEmbedding, TransformerLayer
-from engine.parallel.comm import gather_along_dim, gather_shards
-from engine.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, shard_tensor, unshard_tensor
+from engine.parallel.comm import gather_shards
+from engine.parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, gathered_linear, shard_tensor,
+                                    unshard_tensor)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -68,7 +68,7 @@ class GPTModel(nn.Module):
             x = layer(x, rope, batch)
         x = self.decoder.final_layernorm(x)
         if self.cfg.tie_word_embeddings:
-            return F.linear(gather_along_dim(x, 0, self.mesh.group("tp")), self.embedding.word_embeddings.weight)
+            return gathered_linear(x, self.embedding.word_embeddings.weight, None, self.mesh.group("tp"))
         return self.output_layer(x)
 
     # -- canonical (unsharded) weights ----------------------------------------------------------

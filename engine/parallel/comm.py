@@ -94,6 +94,16 @@ def _reduce_scatter(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def all_gather_dim(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Raw all-gather along ``dim`` (no autograd), for autograd functions that re-gather."""
+    return t if _size(group) == 1 else _all_gather(t, dim, group)
+
+
+def reduce_scatter_dim(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Raw reduce-scatter (sum) along ``dim`` (no autograd)."""
+    return t if _size(group) == 1 else _reduce_scatter(t, dim, group)
+
+
 def _chunk(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     n = _size(group)
     if t.shape[dim] % n:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.parallel.comm import gather_along_dim, reduce_scatter_along_dim
+from engine.parallel.comm import all_gather_dim, reduce_scatter_along_dim, reduce_scatter_dim
 
 
 def mark_tp(param: nn.Parameter, dim: int | None, parts: int = 1) -> nn.Parameter:
@@ -42,6 +42,35 @@ def unshard_tensor(shards: list[torch.Tensor], dim: int | None, parts: int) -> t
     return torch.cat([torch.cat([r[p] for r in per_rank], dim) for p in range(parts)], dim)
 
 
+class _SeqGatherLinear(torch.autograd.Function):
+    """``linear(all_gather_tokens(x), W, b)`` that saves only this rank's token slice ``x`` and
+    gathers it again in backward (as Megatron does): under sequence parallelism the activation
+    memory of a column-parallel linear is 1/tp, not the full sequence."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(all_gather_dim(x, 0, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        x_full = all_gather_dim(x, 0, ctx.group)
+        dx = reduce_scatter_dim(dy @ weight, 0, ctx.group)
+        dw = dy.reshape(-1, dy.shape[-1]).t() @ x_full.reshape(-1, x_full.shape[-1])
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias else None
+        return dx, dw, db, None
+
+
+def gathered_linear(x: torch.Tensor, weight: torch.Tensor, bias, tp_group) -> torch.Tensor:
+    """Column-parallel product of this rank's token slice: all-gather tokens, then ``x W^T + b``.
+    Backward reduce-scatters the input gradient; only the token slice is kept for it."""
+    if tp_group is None:
+        return F.linear(x, weight, bias)
+    return _SeqGatherLinear.apply(x, weight, bias, tp_group)
+
+
 def _check_divisible(n: int, tp: int, what: str) -> int:
     if n % tp:
         raise ValueError(f"{what}={n} is not divisible by parallel.tp={tp}")
@@ -63,9 +92,8 @@ class ColumnParallelLinear(nn.Module):
         self.weight = mark_tp(nn.Parameter(torch.empty(local, in_features, dtype=dtype)), 0, parts)
         self.bias = mark_tp(nn.Parameter(torch.zeros(local, dtype=dtype)), 0, parts) if bias else None
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        x = gather_along_dim(x, 0, self.tp_group)
-        return F.linear(x, self.weight if weight is None else weight, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gathered_linear(x, self.weight, self.bias, self.tp_group)
 
 
 class RowParallelLinear(nn.Module):
