@@ -77,7 +77,7 @@ def _resolve_sp_mode(p: ParallelConfig) -> ParallelConfig:
         if p.cp > 1 and not 1 < p.hp < p.cp:
             valid = [h for h in _divisors(p.cp) if 1 < h < p.cp]
             fix = (f"use parallel.hp={_list(valid)}" if valid else
-                   f"hybrid needs cp >= 4 (hp and rp both > 1)")
+                   "hybrid needs cp >= 4 (hp and rp both > 1)")
             raise ConfigError(f"parallel.sp_mode=hybrid needs 1 < parallel.hp < parallel.cp={p.cp}, "
                               f"got hp={p.hp}; {fix}, or use parallel.sp_mode=ring or ulysses")
         hp = p.hp

@@ -112,83 +112,59 @@ def _chunk(t: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 # -- autograd functions ----------------------------------------------------------------------
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+class Conjugate(torch.autograd.Function):
+    """A collective whose backward is another collective: ``apply(x, forward_fn, backward_fn)``.
+
+    Every tensor-moving op of the parallel axes is such a pair (all-gather / reduce-scatter,
+    identity / all-reduce, all-to-all / inverse all-to-all), so one Function serves them all."""
 
     @staticmethod
-    def backward(ctx, g):
-        return all_reduce_(g.contiguous().clone(), ctx.group), None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce_(x.contiguous().clone(), group)
+    def forward(ctx, x, forward_fn, backward_fn):
+        ctx.backward_fn = backward_fn
+        return forward_fn(x)
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        return ctx.backward_fn(g.contiguous()), None, None
 
 
-class _GatherAlongDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
-
-
-class _ReduceScatterAlongDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None
-
-
-class _SplitAlongDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _chunk(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None
+def _identity(x):
+    return x
 
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward; backward all-reduces (sums) the gradient over ``group``."""
-    return x if _size(group) == 1 else _CopyToGroup.apply(x, group)
+    if _size(group) == 1:
+        return x
+    return Conjugate.apply(x, _identity, lambda g: all_reduce_(g.clone(), group))
 
 
 def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce (sum) forward; identity backward (each rank's partial gets the full grad)."""
-    return x if _size(group) == 1 else _ReduceFromGroup.apply(x, group)
+    if _size(group) == 1:
+        return x
+    return Conjugate.apply(x, lambda t: all_reduce_(t.contiguous().clone(), group), _identity)
 
 
 def gather_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """All-gather, concatenating rank slices along ``dim``; backward reduce-scatters (sums)."""
-    return x if _size(group) == 1 else _GatherAlongDim.apply(x, dim, group)
+    if _size(group) == 1:
+        return x
+    return Conjugate.apply(x, lambda t: _all_gather(t, dim, group), lambda g: _reduce_scatter(g, dim, group))
 
 
 def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sum over ranks, keep this rank's slice of ``dim``; backward all-gathers."""
-    return x if _size(group) == 1 else _ReduceScatterAlongDim.apply(x, dim, group)
+    if _size(group) == 1:
+        return x
+    return Conjugate.apply(x, lambda t: _reduce_scatter(t, dim, group), lambda g: _all_gather(g, dim, group))
 
 
 def split_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Keep this rank's slice of a replicated tensor; backward all-gathers the slices."""
-    return x if _size(group) == 1 else _SplitAlongDim.apply(x, dim, group)
+    if _size(group) == 1:
+        return x
+    return Conjugate.apply(x, lambda t: _chunk(t, dim, group), lambda g: _all_gather(g, dim, group))
 
 
 def all_reduce_max_(t: torch.Tensor, group) -> torch.Tensor:

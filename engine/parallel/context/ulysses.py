@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from engine.parallel.comm import COUNTER
+from engine.parallel.comm import COUNTER, Conjugate
 
 
 def _all_to_all(x_P: torch.Tensor, group) -> torch.Tensor:
@@ -36,36 +36,18 @@ def _heads_to_seq(x, group, hp):
     return parts.transpose(0, 1).reshape(s // hp, hp * hh, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, hp):
-        ctx.group, ctx.hp = group, hp
-        return _seq_to_heads(x, group, hp)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _heads_to_seq(g.contiguous(), ctx.group, ctx.hp), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, hp):
-        ctx.group, ctx.hp = group, hp
-        return _heads_to_seq(x, group, hp)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g.contiguous(), ctx.group, ctx.hp), None, None
-
-
 def seq_to_heads(x_tHD: torch.Tensor, group, hp: int) -> torch.Tensor:
     """Gather the stream, scatter heads: ``[t, H, D] → [hp·t, H/hp, D]`` (backward: inverse a2a)."""
-    return x_tHD if hp == 1 else _SeqToHeads.apply(x_tHD, group, hp)
+    if hp == 1:
+        return x_tHD
+    return Conjugate.apply(x_tHD, lambda x: _seq_to_heads(x, group, hp), lambda g: _heads_to_seq(g, group, hp))
 
 
 def heads_to_seq(x_SHD: torch.Tensor, group, hp: int) -> torch.Tensor:
     """Scatter the stream, gather heads: ``[S, H/hp, D] → [S/hp, H, D]`` (backward: inverse a2a)."""
-    return x_SHD if hp == 1 else _HeadsToSeq.apply(x_SHD, group, hp)
+    if hp == 1:
+        return x_SHD
+    return Conjugate.apply(x_SHD, lambda x: _heads_to_seq(x, group, hp), lambda g: _seq_to_heads(g, group, hp))
 
 
 def kv_for_heads(kv_tGD: torch.Tensor, hp: int) -> torch.Tensor:
