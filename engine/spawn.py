@@ -27,12 +27,16 @@ def free_port() -> int:
 def _worker(rank, world, port, outdir, fn, args):
     import torch.distributed as dist
 
+    # rendezvous through a file in the private temp dir: no TCP port to race other processes for
+    # (MASTER_PORT is still set for code that reads it, e.g. megatron-core's initialisation)
+
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     path = os.path.join(outdir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(outdir, 'rendezvous')}",
+                                rank=rank, world_size=world)
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
