@@ -84,7 +84,7 @@ def save_legacy(get: Callable[[str], Tensor], names: list[str], model: dict, out
             shards = _stage_shards(get, placed, stages[r], r, pp, tp, padded, model["vocab_size"], progress)
             if args is None:  # params_dtype: that of the first tensor (the embedding)
                 dtype = next(iter(shards[0][0].values())).dtype
-                args = _megatron_args(model, tp, pp, vpp, lps, padded, dtype, iteration)
+                args = megatron_args(model, tp, pp, vpp, lps, padded, dtype, iteration)
             for t in range(tp):
                 state = {"model": shards[t][0]} if vpp == 1 else {f"model{c}": shards[t][c] for c in range(vpp)}
                 state.update(args=args, checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, **extra)
@@ -170,7 +170,7 @@ def _uneven_split(lps: list[int], pp: int, vpp: int) -> tuple[int | None, int | 
     return per_rank[0], per_rank[-1]
 
 
-def _megatron_args(model: dict, tp: int, pp: int, vpp: int, lps: list[int], padded: int,
+def megatron_args(model: dict, tp: int, pp: int, vpp: int, lps: list[int], padded: int,
                    dtype: torch.dtype, iteration: int) -> Namespace:
     heads = model["num_attention_heads"]
     groups = model.get("num_query_groups") or heads

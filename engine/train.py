@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from engine.checkpoint import export_hf, load_weights, save_torch_dist
 from engine.data.packing import PackedBatch, concat
 from engine.data.synthetic import SyntheticSequences
 from engine.loss import token_loss_sum
@@ -29,7 +30,10 @@ def build_model(cfg, mesh) -> GPTModel:
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     with torch.device(mesh.device):
         model = GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention)
-    model.load_canonical(init_canonical(model, cfg.train.seed))
+    if cfg.model.load:
+        load_weights(model, cfg.model.load)
+    else:
+        model.load_canonical(init_canonical(model, cfg.train.seed))
     return model
 
 
@@ -71,6 +75,20 @@ def forward_backward(model, micro_batches: list[PackedBatch], mesh) -> tuple[flo
     return float(all_reduce_(total, mesh.group("dp_cp"))), int(num_valid)
 
 
+def finish(model, mesh, cfg) -> None:
+    """Final checkpoint (torch_dist) and HF export, as configured."""
+    ck = cfg.checkpoint
+    if ck.save_final:
+        root = ck.dir or os.path.join(cfg.train.output_dir, "checkpoints")
+        where = save_torch_dist(model, mesh, root, cfg.train.steps)
+        if where:
+            print(f"saved checkpoint {where}", flush=True)
+    if ck.export_hf:
+        export_hf(model, mesh, ck.export_hf)
+        if mesh.rank == 0:
+            print(f"exported Hugging Face model to {ck.export_hf}", flush=True)
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per optimizer step) and console lines, on global rank 0."""
 
@@ -108,6 +126,7 @@ def train(cfg, mesh) -> list[dict]:
                "time_s": dt, "tokens_per_s": num_tokens / dt}
         rows.append(row)
         writer.write(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
+    finish(model, mesh, cfg)
     if mesh.rank == 0:
         elapsed = time.perf_counter() - start
         print(f"done: {len(rows)} steps in {elapsed:.1f}s | first loss {rows[0]['loss']:.4f} | "

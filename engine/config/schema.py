@@ -138,6 +138,16 @@ class DistConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Where checkpoints go (Megatron torch_dist, iter_NNNNNNN folders); None = train.output_dir/checkpoints."""
+    save_final: bool = True
+    """Save a checkpoint after the last step."""
+    export_hf: str | None = None
+    """After the last step, also write the model as a Hugging Face directory here."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
@@ -151,6 +161,8 @@ class Config:
     """Data pipeline."""
     dist: DistConfig = field(default_factory=DistConfig)
     """torch.distributed settings."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, loading and exporting weights."""
 
 
 # Keys of other tools (LLaMA-Factory) accepted at the top level of the YAML and as overrides

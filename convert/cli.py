@@ -1,0 +1,185 @@
+"""``meshtron-convert``: HF ↔ Megatron checkpoints, resharding, and a logits check.
+
+  meshtron-convert hf-to-megatron --hf DIR --out DIR [--format torch_dist|torch] [--tp N --pp M --vpp V]
+                                  [--dtype bf16|fp16|fp32]
+  meshtron-convert megatron-to-hf --megatron DIR --out DIR [--dtype ...]
+  meshtron-convert reshard --in DIR --out DIR --tp N --pp M [--vpp V]      (legacy torch format)
+  meshtron-convert verify --hf DIR --megatron DIR [--tp N --cp N] [--save-logits FILE]
+
+Everything goes through the canonical (unsharded, Megatron-named) state dict (DESIGN §5). Beside
+the Megatron files a ``hf/`` folder keeps the source's config.json, generation config and
+tokenizer files, so megatron-to-hf writes back exactly what came in.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+import torch
+
+from convert.megatron_io import load_megatron, resolve
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_META = "hf"
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total if total > 0 else None, desc=desc, unit="tensor", file=sys.stderr)
+
+
+def hf_to_megatron(args) -> None:
+    from convert.hf_io import HFCheckpoint, TOKENIZER_FILES
+    from convert.hf_map import iter_hf_to_canonical, model_config_from_hf
+    from convert.stream import StreamGetter
+    from engine.config.schema import ModelConfig
+    from engine.model.gpt import padded_vocab_size
+    from engine.model.sharding import canonical_names
+
+    src = HFCheckpoint(args.hf)
+    model = {**_model_defaults(), **model_config_from_hf(src.config)}
+    _check_tp(model, args.tp)
+    padded = padded_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], args.tp)
+    names = canonical_names(model)
+    retain = ("embedding.word_embeddings.weight",) if model["tie_word_embeddings"] else ()
+    get = StreamGetter(iter_hf_to_canonical(src.get, model, padded), names, retain,
+                       cast=DTYPES[args.dtype] if args.dtype else None)
+    ModelConfig(**model)  # every key is a known field
+    with _progress(len(names), "hf-to-megatron") as bar:
+        if args.format == "torch_dist":
+            from convert.megatron_dist import save_dist
+            save_dist(get, names, model, args.out, iteration=0, progress=bar.update)
+        else:
+            from convert.megatron_legacy import save_legacy
+            save_legacy(get, names, model, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                        iteration=0, progress=bar.update)
+    meta = os.path.join(args.out, HF_META)
+    os.makedirs(meta, exist_ok=True)
+    for fname in ("config.json", "generation_config.json") + TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(args.hf, fname)):
+            shutil.copy2(os.path.join(args.hf, fname), os.path.join(meta, fname))
+    print(f"wrote {args.format} checkpoint of {len(names)} tensors to {args.out}")
+
+
+def megatron_to_hf(args) -> None:
+    from convert.hf_io import write_hf
+    from convert.hf_map import iter_canonical_to_hf
+
+    canon, model, _ = load_megatron(args.megatron)
+    meta = os.path.join(args.megatron, HF_META)
+    config = _hf_config(meta, model)
+    cast = DTYPES[args.dtype] if args.dtype else None
+    tensors = ((n, t if cast is None else t.to(cast)) for n, t in iter_canonical_to_hf(canon.__getitem__, model))
+    with _progress(0, "megatron-to-hf") as bar:
+        write_hf(tensors, config, args.out, tokenizer_from=meta if os.path.isdir(meta) else None,
+                 progress=bar.update)
+    print(f"wrote Hugging Face model to {args.out}")
+
+
+def _hf_config(meta_dir: str, model: dict):
+    """The source's HF config when the checkpoint carries it (keeps token ids and every field
+    meshtron does not model), else one built from the model config."""
+    from transformers import AutoConfig
+
+    from convert.hf_map import hf_config_from_model_config, model_config_from_hf
+
+    if os.path.isfile(os.path.join(meta_dir, "config.json")):
+        config = AutoConfig.from_pretrained(meta_dir, local_files_only=True)
+        ours = model_config_from_hf(config)
+        changed = {k: (v, model[k]) for k, v in ours.items() if model.get(k) != v}
+        if not changed:
+            return config
+    return hf_config_from_model_config(model)
+
+
+def reshard(args) -> None:
+    from convert.megatron_legacy import load_legacy, save_legacy
+    from engine.checkpoint import repad_vocab
+    from engine.model.gpt import padded_vocab_size
+    from engine.model.sharding import canonical_names
+
+    if resolve(args.inp)[0] != "torch":
+        raise ValueError(f"{args.inp} is a torch_dist checkpoint: it loads at any tp/pp, no resharding needed")
+    canon, model, meta = load_legacy(args.inp)
+    _check_tp(model, args.tp)
+    padded = padded_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], args.tp)
+    canon = repad_vocab(canon, model["vocab_size"], padded)
+    names = canonical_names(model)
+    save_legacy(canon.__getitem__, names, model, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                iteration=meta.get("iteration") or 0, extra=meta.get("extra"))
+    if os.path.isdir(os.path.join(args.inp, HF_META)):
+        shutil.copytree(os.path.join(args.inp, HF_META), os.path.join(args.out, HF_META))
+    print(f"resharded {args.inp} (tp={meta['tp']}, pp={meta['pp']}) to {args.out} (tp={args.tp}, pp={args.pp})")
+
+
+def _check_tp(model: dict, tp: int) -> None:
+    for key in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if model[key] % tp:
+            raise ValueError(f"--tp {tp} does not divide {key}={model[key]} of the model; use a tp that "
+                             f"divides num_attention_heads, num_query_groups and ffn_hidden_size")
+
+
+def _model_defaults() -> dict:
+    import dataclasses
+
+    from engine.config.schema import ModelConfig
+
+    return {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k != "load"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="meshtron-convert", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("hf-to-megatron", help="HF model directory -> Megatron checkpoint")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=("torch_dist", "torch"), default="torch_dist")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    p.set_defaults(fn=hf_to_megatron)
+    p = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (either format) -> HF model directory")
+    p.add_argument("--megatron", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.set_defaults(fn=megatron_to_hf)
+    p = sub.add_parser("reshard", help="legacy Megatron checkpoint -> another tp/pp")
+    p.add_argument("--in", dest="inp", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--pp", type=int, required=True)
+    p.add_argument("--vpp", type=int, default=1)
+    p.set_defaults(fn=reshard)
+    p = sub.add_parser("verify", help="compare meshtron's logits with transformers'")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--megatron", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--seq", type=int, default=64, help="tokens per test sequence")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed")
+    p.add_argument("--save-logits", default=None, help="write meshtron's logits [batch, seq, vocab] here")
+    p.set_defaults(fn=lambda a: sys.exit(__import__("convert.verify", fromlist=["main"]).main(a)))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("tp", "pp", "vpp", "cp"):
+        if getattr(args, flag, 1) < 1:
+            print(f"meshtron-convert: error: --{flag} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"meshtron-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

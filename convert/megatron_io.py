@@ -1,0 +1,54 @@
+"""Find and load a Megatron checkpoint of either on-disk format (DESIGN §5, I-6).
+
+A path may be a checkpoint root (with ``latest_checkpointed_iteration.txt``), an ``iter_NNNNNNN``
+directory, or a torch_dist directory (with ``metadata.json``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def resolve(path: str) -> tuple[str, str]:
+    """``(format, directory to read)``: ``torch_dist`` or ``torch`` (legacy)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    meta = os.path.join(path, "metadata.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            backend = json.load(f).get("sharded_backend")
+        if backend != "torch_dist":
+            raise ValueError(f"{meta}: sharded_backend {backend!r} is not supported (only torch_dist)")
+        return "torch_dist", path
+    tracker = os.path.join(path, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker) as f:
+            text = f.read().strip()
+        it_dir = os.path.join(path, "release" if text == "release" else f"iter_{int(text):07d}")
+        if os.path.isfile(os.path.join(it_dir, "metadata.json")):
+            return resolve(it_dir)
+        return "torch", path
+    if os.path.basename(os.path.normpath(path)).startswith("iter_") or os.path.basename(path) == "release":
+        return "torch", path
+    raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no metadata.json, no {TRACKER}, not an "
+                            f"iter_* directory)")
+
+
+def load_megatron(path: str) -> tuple[dict, dict, dict]:
+    """(canonical state dict, model config dict, meta) of a checkpoint in either format."""
+    fmt, where = resolve(path)
+    if fmt == "torch_dist":
+        from convert.megatron_dist import load_dist
+        return load_dist(where)
+    from convert.megatron_legacy import load_legacy
+    return load_legacy(where)
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Megatron's ``latest_checkpointed_iteration.txt``, written atomically."""
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+    os.replace(tmp, os.path.join(root, TRACKER))
