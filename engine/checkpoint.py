@@ -13,6 +13,7 @@ import os
 import torch
 
 from engine.model.gpt import canonical_tensors
+from engine.parallel.comm import gather_objects
 from engine.model.sharding import canonical_names
 
 # model config fields that define the architecture (the rest is bookkeeping or init)
@@ -55,11 +56,25 @@ def load_weights(model, path: str) -> None:
     canon = repad_vocab(canon, model.cfg.vocab_size, model.padded_vocab)
     if model.cfg.tie_word_embeddings:
         canon.pop("output_layer.weight", None)
-    model.load_canonical({k: v.to(next(model.parameters()).dtype) for k, v in canon.items()})
+    model.load_canonical({k: v.to(next(model.parameters()).dtype) for k, v in canon.items()}, strict=True)
 
 
-def _full_state(model) -> dict:
-    return canonical_tensors(model, {n: p.detach() for n, p in model.named_parameters()})
+def _full_state(model, mesh) -> dict | None:
+    """The whole canonical state on global rank 0 (None elsewhere): gathered over tp, then the
+    pipeline stages' pieces sent to rank 0 (dp and cp replicas are identical)."""
+    full = canonical_tensors(model, {n: p.detach() for n, p in model.named_parameters()})
+    parts = gather_objects(full, mesh.group("pp"), mesh.ranks("pp")[0])
+    if mesh.rank != 0:
+        return None
+    merged = {}
+    for part in parts:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged
+
+
+def _first(model):
+    return model[0] if isinstance(model, torch.nn.ModuleList) else model
 
 
 def model_dict(cfg_model) -> dict:
@@ -72,11 +87,11 @@ def save_torch_dist(model, mesh, root: str, iteration: int) -> str | None:
     from convert.megatron_dist import save_dist
     from convert.megatron_io import write_tracker
 
-    full = _full_state(model)
+    full = _full_state(model, mesh)
     if mesh.rank != 0:
         return None
     out = os.path.join(root, f"iter_{iteration:07d}")
-    md = model_dict(model.cfg)
+    md = model_dict(_first(model).cfg)
     save_dist(full.__getitem__, canonical_names(md), md, out, iteration=iteration)
     write_tracker(root, iteration)
     return out
@@ -87,10 +102,10 @@ def export_hf(model, mesh, out_dir: str, tokenizer_from: str | None = None) -> N
     from convert.hf_io import write_hf
     from convert.hf_map import hf_config_from_model_config, iter_canonical_to_hf
 
-    full = _full_state(model)
+    full = _full_state(model, mesh)
     if mesh.rank != 0:
         return
-    md = model_dict(model.cfg)
+    md = model_dict(_first(model).cfg)
     dtype = "bfloat16" if next(model.parameters()).dtype == torch.bfloat16 else "float32"
     write_hf(iter_canonical_to_hf(full.__getitem__, md), hf_config_from_model_config(md, dtype), out_dir,
              tokenizer_from=tokenizer_from)

@@ -57,9 +57,10 @@ def vocab_parallel_cross_entropy(logits_TV: torch.Tensor, labels_T: torch.Tensor
     return _VocabParallelCrossEntropy.apply(logits_TV, labels_T, vocab_start, vocab_size, tp_group)
 
 
-def token_loss_sum(model, batch) -> torch.Tensor:
-    """Sum of token cross-entropies of one micro-batch on this rank (the numerator of I-5)."""
-    logits = model(batch)
+def token_loss_sum(model, batch, hidden=None) -> torch.Tensor:
+    """Sum of token cross-entropies of one micro-batch on this rank (the numerator of I-5);
+    ``hidden`` is the previous pipeline stage's output when the model is a later stage."""
+    logits = model(batch, hidden)
     losses = vocab_parallel_cross_entropy(logits, batch.labels, model.vocab_start, model.cfg.vocab_size,
                                           model.mesh.group("tp"))
     return losses.sum()

@@ -138,7 +138,8 @@ class ParallelMesh:
     # -- queries --------------------------------------------------------------------------------
     def group(self, axis: str):
         """Process group of ``axis`` containing this rank, or None when the axis has size 1."""
-        _atoms(axis)
+        if axis != "pp_ends":  # first and last pipeline stage (tied embeddings)
+            _atoms(axis)
         return self._groups.get(axis)
 
     def index(self, axis: str) -> int:
@@ -170,4 +171,21 @@ def _make_groups(layout: RankLayout, device: torch.device) -> dict:
             groups[name] = groups[present[0]]
         elif len(present) > 1:
             groups[name] = dm[present]._flatten(name).get_group()
+    if layout.size("pp") > 2:
+        groups["pp_ends"] = _pipeline_ends_group(layout)
+    elif layout.size("pp") == 2:
+        groups["pp_ends"] = groups["pp"]
     return groups
+
+
+def _pipeline_ends_group(layout: RankLayout):
+    """First and last stage of this rank's pipeline (Megatron's embedding group, for tied
+    embeddings split over stages). Every rank creates every pair, in the same order."""
+    import torch.distributed as dist
+
+    mine = None
+    for g in layout.groups("pp"):
+        pair = dist.new_group([g[0], g[-1]])
+        if dist.get_rank() in (g[0], g[-1]):
+            mine = pair
+    return mine

@@ -16,25 +16,36 @@ import torch
 from engine.checkpoint import export_hf, load_weights, save_torch_dist
 from engine.data.packing import PackedBatch, concat
 from engine.data.synthetic import SyntheticSequences
-from engine.loss import token_loss_sum
 from engine.model.gpt import GPTModel, init_canonical
+from engine.model.sharding import stage_layers
 from engine.optim import MeshOptimizer
 from engine.parallel.comm import all_reduce_
 from engine.parallel.context import make_core_attention
 from engine.parallel.context.layout import split_for_cp
+from engine.parallel.pipeline.runtime import PipelineRuntime
+from engine.parallel.pipeline.seqchunks import split_units
 
 
-def build_model(cfg, mesh) -> GPTModel:
-    """The rank's shard of the model, initialised identically for every mesh."""
+def build_model(cfg, mesh) -> torch.nn.ModuleList:
+    """This rank's model chunks (one per virtual pipeline stage; one when vpp = 1), initialised
+    identically for every mesh (or loaded from ``model.load``)."""
     core_attention = make_core_attention(mesh, cfg.parallel.ring_window)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    p = cfg.parallel
+    ranges = stage_layers(cfg.model.num_layers, mesh.pp, p.vpp, p.layers_per_stage)[mesh.index("pp")]
+    last = mesh.pp * p.vpp - 1
+    chunks = torch.nn.ModuleList()
     with torch.device(mesh.device):
-        model = GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention)
-    if cfg.model.load:
-        load_weights(model, cfg.model.load)
-    else:
-        model.load_canonical(init_canonical(model, cfg.train.seed))
-    return model
+        for c, layers in enumerate(ranges):
+            stage = c * mesh.pp + mesh.index("pp")
+            chunks.append(GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention, layers=layers,
+                                   pre_process=stage == 0, post_process=stage == last))
+    for chunk in chunks:
+        if cfg.model.load:
+            load_weights(chunk, cfg.model.load)
+        else:
+            chunk.load_canonical(init_canonical(chunk, cfg.train.seed))
+    return chunks
 
 
 def build_dataset(cfg):
@@ -64,15 +75,30 @@ def global_valid_tokens(micro_batches: list[PackedBatch], mesh) -> torch.Tensor:
     return all_reduce_(n, mesh.group("dp_cp"))
 
 
-def forward_backward(model, micro_batches: list[PackedBatch], mesh) -> tuple[float, int]:
-    """Accumulate gradients of loss = Σ token losses / global valid tokens; returns (loss, tokens)."""
+def forward_backward(model, micro_batches: list[PackedBatch], mesh, parallel=None) -> tuple[float, int]:
+    """Accumulate gradients of loss = Σ token losses / global valid tokens over this rank's
+    micro-batches through the pipeline schedule; returns (loss of the step, valid tokens)."""
+    schedule = parallel.pp_schedule if parallel else "1f1b"
+    k = parallel.seq_chunks if parallel and schedule == "seq1f1b" else 1
     num_valid = global_valid_tokens(micro_batches, mesh)
-    total = torch.zeros((), dtype=torch.float64, device=mesh.device)
-    for mb in micro_batches:
-        loss = token_loss_sum(model, mb) / num_valid.to(torch.float32)
-        loss.backward()
-        total += loss.detach().double()
+    units = [[mb] if k == 1 else split_units(mb, unit_lengths(mb.num_tokens, k, model[0].cfg, mesh, parallel))
+             for mb in micro_batches]
+    runtime = PipelineRuntime(list(model), mesh, schedule, k)
+    total = runtime.run([[u.to(mesh.device) for u in mb] for mb in units], num_valid)
+    all_reduce_(total, mesh.group("pp"))  # the loss lives on the last stage
     return float(all_reduce_(total, mesh.group("dp_cp"))), int(num_valid)
+
+
+def unit_lengths(num_tokens: int, k: int, model_cfg, mesh, parallel) -> list[int]:
+    """Seq1F1B unit lengths of a micro-batch: equal tokens or equal compute, multiples of tp."""
+    from engine.parallel.pipeline.partition import compute_partition, uniform_partition
+
+    if parallel.seq_partition == "uniform":
+        return uniform_partition(num_tokens, k, mesh.tp)
+    m = model_cfg
+    return compute_partition(num_tokens, k, mesh.tp, hidden=m.hidden_size, num_layers=m.num_layers,
+                             num_heads=m.num_attention_heads, head_dim=m.head_dim, ffn=m.ffn_hidden_size,
+                             vocab=m.vocab_size)
 
 
 def finish(model, mesh, cfg) -> None:
@@ -119,7 +145,7 @@ def train(cfg, mesh) -> list[dict]:
     rows, start = [], time.perf_counter()
     for step in range(cfg.train.steps):
         t0 = time.perf_counter()
-        loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh)
+        loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh, cfg.parallel)
         stats = opt.step()
         dt = time.perf_counter() - t0
         row = {"step": step, "loss": loss, **stats, "num_tokens": num_tokens,

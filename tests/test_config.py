@@ -152,7 +152,8 @@ def test_unknown_key_in_yaml_suggests_the_closest(tmp_path):
 
 def test_unknown_key_with_nothing_close_lists_the_section():
     assert error(["parallel.zzzz=1"]) == ("unknown key 'parallel.zzzz'; valid keys of 'parallel' "
-                                          "are dp, tp, pp, cp, hp, sp_mode, ring_window, placement, order")
+                                          "are dp, tp, pp, cp, hp, sp_mode, ring_window, pp_schedule, vpp, seq_chunks, "
+                                          "seq_partition, layers_per_stage, placement, order")
     assert error(["zzzz=1"]) == ("unknown key 'zzzz'; valid sections are model, parallel, optim, "
                                  "train, data, dist, checkpoint, and top-level aliases cutoff_len, sequence_parallel_size, "
                                  "sequence_parallel_mode, sequence_parallel_ulysses_degree, "

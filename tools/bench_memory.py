@@ -101,7 +101,7 @@ def measure(cfg, top: int) -> dict:
 
     p = cfg.parallel
     mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, placement=p.placement, order=p.order)
-    model = build_model(cfg, mesh)
+    model = build_model(cfg, mesh)[0]  # one chunk: no pipeline here
     (batch,) = rank_micro_batches(build_dataset(cfg), 0, cfg, mesh)
     num_valid = global_valid_tokens([batch], mesh)
     counter = SavedBytes(model, record_sites=top > 0)

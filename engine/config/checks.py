@@ -15,6 +15,8 @@ _NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "op
 _CHOICES = {"model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic",),
             "parallel.placement": ("head-first", "context-first"),
             "parallel.sp_mode": ("ring", "ulysses", "hybrid"),
+            "parallel.pp_schedule": ("1f1b", "interleaved", "seq1f1b"),
+            "parallel.seq_partition": ("uniform", "compute"),
             "dist.backend": ("auto", "gloo", "nccl")}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -27,6 +29,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_model(cfg.model, cfg.parallel)  # before the world size: a model-vs-degree error is the root cause
     dp = _resolve_dp(cfg.parallel, world_size)
     _check_batch_and_data(cfg, dp)
+    _check_pipeline(cfg, dp)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
 
 
@@ -139,6 +142,37 @@ def _check_model(m: ModelConfig, p: ParallelConfig) -> None:
     if bad:
         raise ConfigError(f"model.rope_scaling with rope_type 'llama3' needs a number for each "
                           f"of {', '.join(bad)}")
+
+
+def _check_pipeline(cfg: Config, dp: int) -> None:
+    p, m = cfg.parallel, cfg.model
+    if p.vpp < 1 or p.seq_chunks < 1:
+        raise ConfigError(f"parallel.vpp={p.vpp} and parallel.seq_chunks={p.seq_chunks} must be >= 1")
+    if p.vpp > 1 and p.pp_schedule != "interleaved":
+        raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp_schedule=interleaved")
+    if p.pp_schedule == "interleaved":
+        if p.pp < 2 or p.vpp < 2:
+            raise ConfigError(f"parallel.pp_schedule=interleaved needs pp >= 2 and vpp >= 2 "
+                              f"(got pp={p.pp}, vpp={p.vpp})")
+        per_rank = cfg.train.global_batch_size // (dp * cfg.train.micro_batch_size)
+        if per_rank % p.pp:
+            raise ConfigError(f"parallel.pp_schedule=interleaved needs the micro-batches per dp rank "
+                              f"({per_rank}) to be a multiple of pp={p.pp}; change "
+                              f"train.global_batch_size or train.micro_batch_size")
+    if p.seq_chunks > 1 and p.pp_schedule != "seq1f1b":
+        raise ConfigError(f"parallel.seq_chunks={p.seq_chunks} needs parallel.pp_schedule=seq1f1b")
+    if p.pp_schedule == "seq1f1b" and p.cp > 1:
+        raise ConfigError("parallel.pp_schedule=seq1f1b with parallel.cp > 1 is not supported yet; "
+                          "use cp=1 or the 1f1b / interleaved schedule")
+    stages = p.pp * p.vpp
+    if p.layers_per_stage is not None:
+        lps = p.layers_per_stage
+        if len(lps) != stages or sum(lps) != m.num_layers or min(lps) < 1:
+            raise ConfigError(f"parallel.layers_per_stage={lps} must list {stages} positive numbers "
+                              f"(pp*vpp) adding up to model.num_layers={m.num_layers}")
+    elif m.num_layers % stages and (stages < 3 or m.num_layers < stages):
+        raise ConfigError(f"model.num_layers={m.num_layers} cannot be split over pp*vpp = {stages} "
+                          f"stages; set parallel.layers_per_stage")
 
 
 def _check_batch_and_data(cfg: Config, dp: int) -> None:

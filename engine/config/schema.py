@@ -69,6 +69,18 @@ class ParallelConfig:
     ring_window: int = 0
     """Double ring: inner rings of this many ring ranks, with the outer exchange overlapped;
     0 = one ring of all rp ranks. Must divide rp."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: "1f1b", "interleaved" (parallel.vpp model chunks per rank) or "seq1f1b"
+    (each micro-batch cut into parallel.seq_chunks sequence units)."""
+    vpp: int = 1
+    """Model chunks per pipeline rank (virtual pipeline stages) for the interleaved schedule."""
+    seq_chunks: int = 1
+    """Seq1F1B: sequence units per micro-batch."""
+    seq_partition: str = "compute"
+    """Seq1F1B unit boundaries: "uniform" (equal tokens) or "compute" (equal attention+MLP FLOPs)."""
+    layers_per_stage: list | None = None
+    """Layers of every (virtual) pipeline stage in model order, e.g. [3, 5, 5, 3]; None splits
+    evenly (first and last stage take fewer when uneven)."""
     placement: str = "head-first"
     """Inside cp, "head-first" puts the hp ranks next to each other, "context-first" the ring."""
     order: str = "tp-cp-dp-pp"

@@ -34,42 +34,69 @@ class Embedding(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg, mesh, dtype, core_attention):
+    def __init__(self, cfg, mesh, dtype, core_attention, num_layers: int, final_norm: bool):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, dtype, core_attention)
-                                    for _ in range(cfg.num_layers))
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, dtype, core_attention, i) for i in range(num_layers))
+        if final_norm:
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
 
 
 class GPTModel(nn.Module):
-    """The model of one rank. ``forward(batch)`` returns this tp rank's vocabulary slice of the
-    logits for all T tokens of the micro-batch, ``[T, padded_vocab / tp]``."""
+    """The model (or one pipeline stage's model chunk) of one rank.
 
-    def __init__(self, cfg, mesh, dtype=torch.float32, core_attention=None):
+    ``layers`` is the chunk's range of global layer numbers (state-dict keys are local, 0 … n−1,
+    as in megatron-core); ``pre_process`` puts the embedding here, ``post_process`` the final norm
+    and output layer. ``forward(batch, hidden)`` takes token ids on the first stage and the
+    previous stage's hidden states ``[t, h]`` otherwise; the last stage returns this tp rank's
+    vocabulary slice of the logits ``[T, padded_vocab / tp]``, the others hidden states. With tied
+    embeddings split over stages the last stage holds a copy, ``output_layer.weight``, whose
+    gradient is summed with the embedding's (Megatron's embedding group).
+    """
+
+    def __init__(self, cfg, mesh, dtype=torch.float32, core_attention=None, layers: range | None = None,
+                 pre_process: bool = True, post_process: bool = True):
         super().__init__()
         self.cfg, self.mesh = cfg, mesh
+        layers = range(cfg.num_layers) if layers is None else layers
+        self.layer_offset, self.pre_process, self.post_process = layers.start, pre_process, post_process
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, mesh.tp)
-        self.embedding = Embedding(self.padded_vocab, cfg, mesh, dtype)
+        if pre_process:
+            self.embedding = Embedding(self.padded_vocab, cfg, mesh, dtype)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
-        self.decoder = Decoder(cfg, mesh, dtype, core_attention)
-        if not cfg.tie_word_embeddings:
+        self.decoder = Decoder(cfg, mesh, dtype, core_attention, len(layers), post_process)
+        self.shares_embedding = post_process and cfg.tie_word_embeddings and not pre_process
+        if post_process and (not cfg.tie_word_embeddings or self.shares_embedding):
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, mesh.group("tp"),
                                                      mesh.tp, dtype=dtype)
+            self.output_layer.weight.shared_embedding = self.shares_embedding
+        if pre_process and cfg.tie_word_embeddings and mesh.pp > 1:
+            self.embedding.word_embeddings.weight.shared_embedding = True
 
     @property
     def vocab_start(self) -> int:
         """First vocabulary id of this tp rank's logits slice."""
-        return self.embedding.word_embeddings.vocab_start
+        return self.mesh.index("tp") * (self.padded_vocab // self.mesh.tp)
 
-    def forward(self, batch) -> torch.Tensor:
-        x = self.embedding.word_embeddings(batch.tokens)
+    def forward(self, batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embedding.word_embeddings(batch.tokens) if self.pre_process else hidden
         rope = self.rotary(batch.position_ids, x.dtype)
         for layer in self.decoder.layers:
             x = layer(x, rope, batch)
+        if not self.post_process:
+            return x
         x = self.decoder.final_layernorm(x)
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and self.pre_process:
             return gathered_linear(x, self.embedding.word_embeddings.weight, None, self.mesh.group("tp"))
         return self.output_layer(x)
+
+    def canonical_name(self, name: str) -> str:
+        """The canonical (global-layer, unsharded) name of a local parameter name."""
+        if name.startswith("decoder.layers."):
+            i, rest = name[len("decoder.layers."):].split(".", 1)
+            return f"decoder.layers.{int(i) + self.layer_offset}.{rest}"
+        if name == "output_layer.weight" and self.shares_embedding:
+            return "embedding.word_embeddings.weight"
+        return name
 
     # -- canonical (unsharded) weights ----------------------------------------------------------
     def full_shape(self, name: str) -> tuple[int, ...]:
@@ -82,25 +109,31 @@ class GPTModel(nn.Module):
     def load_canonical(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy this rank's shard of every canonical tensor into the parameters."""
         tp, rank = self.mesh.tp, self.mesh.index("tp")
-        missing = [n for n, _ in self.named_parameters() if n not in state]
+        missing = [self.canonical_name(n) for n, _ in self.named_parameters() if self.canonical_name(n) not in state]
         if strict and missing:
             raise KeyError(f"canonical state lacks {missing[:5]}{' …' if len(missing) > 5 else ''}")
         with torch.no_grad():
             for name, p in self.named_parameters():
-                full = state[name]
+                full = state[self.canonical_name(name)]
                 if tuple(full.shape) != self.full_shape(name):
                     raise ValueError(f"{name}: expected shape {self.full_shape(name)}, got {tuple(full.shape)}")
                 p.copy_(shard_tensor(full, p.tp_dim, p.tp_parts, tp, rank))
 
 
-def canonical_tensors(model: GPTModel, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full tensors from this rank's shards (parameters, gradients, …) named like parameters;
-    gathers over tp, so every tp rank must call it."""
-    group = model.mesh.group("tp")
+def canonical_tensors(model, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors under canonical names from this rank's shards (parameters, gradients, …)
+    keyed by local parameter names of ``model`` (a GPTModel, or a ModuleList of pipeline chunks
+    with names ``"<chunk>.<name>"``); gathers over tp, so every tp rank must call it. Tensors
+    of other pipeline stages are not included."""
     out = {}
     for name, t in local.items():
-        p = model.get_parameter(name)
-        out[name] = unshard_tensor(gather_shards(t, group), p.tp_dim, p.tp_parts)
+        chunk, local_name = model, name
+        if isinstance(model, nn.ModuleList):
+            idx, local_name = name.split(".", 1)
+            chunk = model[int(idx)]
+        p = chunk.get_parameter(local_name)
+        full = unshard_tensor(gather_shards(t, chunk.mesh.group("tp")), p.tp_dim, p.tp_parts)
+        out.setdefault(chunk.canonical_name(local_name), full)  # a tied copy maps to the embedding
     return out
 
 
@@ -112,8 +145,9 @@ def init_canonical(model: GPTModel, seed: int) -> dict[str, torch.Tensor]:
     """
     cfg = model.cfg
     state = {}
-    for name, p in model.named_parameters():
-        shape = model.full_shape(name)
+    for local_name, p in model.named_parameters():
+        shape = model.full_shape(local_name)
+        name = model.canonical_name(local_name)
         if name.endswith("layernorm.weight"):
             state[name] = torch.ones(shape)
             continue

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.kernels.attention import local_attention
+from engine.kernels.attention import _LocalAttention, local_attention
 from engine.parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark_tp
 
 
@@ -71,9 +71,10 @@ class SelfAttention(nn.Module):
     local attention when cp = 1); it sees this rank's heads and this cp rank's tokens.
     """
 
-    def __init__(self, cfg, mesh, dtype, core_attention=None):
+    def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0):
         super().__init__()
         tp, tp_group = mesh.tp, mesh.group("tp")
+        self.layer_id = layer_id
         self.head_dim = cfg.head_dim
         self.num_heads = cfg.num_attention_heads // tp
         self.num_groups = cfg.num_query_groups // tp
@@ -92,7 +93,13 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core_attention(q, k, v.contiguous(), batch)
+        cache = getattr(batch, "cache", None)
+        if cache is not None:  # a Seq1F1B unit: attend to the cached keys of earlier units too
+            k, v = cache.extend(self.layer_id, k, v.contiguous())
+            out = _LocalAttention.apply(q, k[batch.k_start:], v[batch.k_start:], batch.cu_seqlens,
+                                        batch.cu_seqlens_k, True, None)
+        else:
+            out = self.core_attention(q, k, v.contiguous(), batch)
         return self.linear_proj(out.reshape(out.shape[0], -1))
 
 
@@ -116,10 +123,10 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg, mesh, dtype, core_attention=None):
+    def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
-        self.self_attention = SelfAttention(cfg, mesh, dtype, core_attention)
+        self.self_attention = SelfAttention(cfg, mesh, dtype, core_attention, layer_id)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
         self.mlp = MLP(cfg, mesh, dtype)
 

@@ -30,6 +30,10 @@ def reduce_gradients(params: list[torch.nn.Parameter], grads: list[torch.Tensor]
     """Sum ``grads`` (aligned with ``params``) over dp×cp, and tp-replicated ones over tp."""
     _coalesced_all_reduce([g for p, g in zip(params, grads) if p.tp_dim is None], mesh.group("tp"))
     _coalesced_all_reduce(grads, mesh.group("dp_cp"))
+    # tied embeddings over pipeline stages: the first stage's embedding and the last stage's copy
+    # are one weight; both get the sum of their gradients and stay equal
+    _coalesced_all_reduce([g for p, g in zip(params, grads) if getattr(p, "shared_embedding", False)],
+                          mesh.group("pp_ends"))
 
 
 def global_grad_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor], mesh) -> torch.Tensor:
@@ -41,7 +45,10 @@ def global_grad_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor]
     """
     first_tp = mesh.index("tp") == 0
     sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    last_stage_copy = mesh.pp > 1 and mesh.index("pp") == mesh.pp - 1
     for p, g in zip(params, grads):
+        if getattr(p, "shared_embedding", False) and last_stage_copy:
+            continue  # counted once, on the first stage
         if p.tp_dim is not None or first_tp:
             sq += g.double().pow(2).sum()
     all_reduce_(sq, mesh.group("tp"))

@@ -1,0 +1,53 @@
+"""I-5 for pipeline parallelism: loss, every gradient, the grad norm and the weights after 3 AdamW
+steps equal the single-process run for pp ∈ {2, 4} under 1F1B, interleaved and Seq1F1B (uniform
+and compute-balanced units), and for pp = 2 combined with tp = 2, cp = 2 (ring) and dp = 2
+(tolerances of test_tp_exact.py). Tied embeddings split over stages stay equal."""
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import run_world
+from tests.test_tp_exact import MODELS, check, compare, make_cfg, run_steps
+
+LAYERS = ["model.num_layers=8"]
+
+
+def world_checks(rank, world, meshes):
+    from engine.mesh import ParallelMesh
+
+    report = {}
+    for model_name in ("llama-gqa", "qwen2-bias-tied"):
+        over = MODELS[model_name] + LAYERS
+        ref = run_steps(make_cfg(over + ["parallel.dp=1"], 1), ParallelMesh.single())
+        for mesh_over in meshes:
+            cfg = make_cfg(over + mesh_over, world)
+            p = cfg.parallel
+            mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp)
+            report[(model_name, " ".join(mesh_over))] = compare(run_steps(cfg, mesh), ref)
+    return report
+
+
+MESHES = {
+    2: [["parallel.pp=2"],
+        ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.vpp=2"],
+        ["parallel.pp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.seq_partition=uniform"],
+        ["parallel.pp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=4"],
+        ["parallel.pp=2", "parallel.layers_per_stage=[3,5]"]],
+    4: [["parallel.pp=4"],
+        ["parallel.pp=4", "parallel.pp_schedule=interleaved", "parallel.vpp=2"],
+        ["parallel.pp=4", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2"],
+        ["parallel.pp=2", "parallel.tp=2"],
+        ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2"],
+        ["parallel.pp=2", "parallel.cp=2"],
+        ["parallel.pp=2", "parallel.dp=2"]],
+}
+
+
+@pytest.mark.parametrize("world", sorted(MESHES))
+def test_pp_mesh_exact(world):
+    reports = run_world(world, world_checks, MESHES[world], timeout=1500)
+    for rank, report in enumerate(reports):
+        for key, worst in report.items():
+            if rank == 0:
+                print(key, {k: f"{v:.2e}" for k, v in worst.items()})
+            check(worst, key)
