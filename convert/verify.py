@@ -18,22 +18,24 @@ def _token_ids(vocab: int, seq: int) -> torch.Tensor:
     return torch.randint(0, vocab, (NUM_SEQUENCES, seq), generator=torch.Generator().manual_seed(0))
 
 
-def _meshtron_rank(rank, world, megatron_dir, tp, cp, seq, out_dir):
-    from convert.megatron_io import load_megatron
-    from engine.checkpoint import repad_vocab
-    from engine.config.schema import ModelConfig
+def _meshtron_rank(rank, world, megatron_dir, tp, pp, cp, seq, out_dir):
+    from engine.config import load_config, validate
     from engine.data.packing import concat, document_arrays, pack
     from engine.mesh import ParallelMesh
-    from engine.model.gpt import GPTModel
     from engine.parallel.comm import gather_shards
-    from engine.parallel.context import make_core_attention
     from engine.parallel.context.layout import split_for_cp
+    from engine.parallel.pipeline.runtime import PipelineRuntime
+    from engine.train import build_model
 
-    canon, model_dict, _ = load_megatron(megatron_dir)
-    cfg = ModelConfig(**model_dict)
-    mesh = ParallelMesh.build(tp=tp, cp=cp, dp=world // (tp * cp)) if world > 1 else ParallelMesh.single()
-    model = GPTModel(cfg, mesh, core_attention=make_core_attention(mesh)).eval()
-    model.load_canonical(repad_vocab(canon, cfg.vocab_size, model.padded_vocab))
+    from convert.megatron_io import load_megatron
+
+    _, model_dict, _ = load_megatron(megatron_dir)
+    overrides = [f"model.{k}={v!r}" if isinstance(v, str) else f"model.{k}={_yaml(v)}" for k, v in model_dict.items()]
+    cfg = validate(load_config(None, overrides + [f"model.load={megatron_dir}", f"parallel.tp={tp}",
+                                                  f"parallel.pp={pp}", f"parallel.cp={cp}"]), world)
+    mesh = ParallelMesh.build(tp=tp, cp=cp, pp=pp, dp=1) if world > 1 else ParallelMesh.single()
+    chunks = build_model(cfg, mesh).eval()
+    cfg = cfg.model
     ids = _token_ids(cfg.vocab_size, seq)
     batch = concat([pack([document_arrays(row.tolist())[:2]]) for row in ids])
     index = batch.tokens.clone()
@@ -45,22 +47,29 @@ def _meshtron_rank(rank, world, megatron_dir, tp, cp, seq, out_dir):
         batch = split_for_cp(batch, **where)
     else:
         index = torch.arange(batch.num_tokens)
-    with torch.no_grad():
-        logits = torch.cat(gather_shards(model(batch).float(), mesh.group("tp")), dim=-1)[:, :cfg.vocab_size]
-    if mesh.index("tp") == 0:
+    out = PipelineRuntime(list(chunks), mesh).forward_only(batch)
+    if out is not None and mesh.index("tp") == 0:
+        logits = torch.cat(gather_shards(out.float(), mesh.group("tp")), dim=-1)[:, :cfg.vocab_size]
         torch.save({"index": index, "logits": logits}, os.path.join(out_dir, f"rank{rank}.pt"))
+    elif out is not None:
+        gather_shards(out.float(), mesh.group("tp"))
 
 
-def meshtron_logits(megatron_dir: str, tp: int, cp: int, seq: int, vocab: int) -> torch.Tensor:
-    """meshtron's full logits ``[NUM_SEQUENCES, seq, vocab]`` at the (tp, cp) mesh."""
+def _yaml(v) -> str:
+    import json
+    return json.dumps(v)
+
+
+def meshtron_logits(megatron_dir: str, tp: int, pp: int, cp: int, seq: int, vocab: int) -> torch.Tensor:
+    """meshtron's full logits ``[NUM_SEQUENCES, seq, vocab]`` at the (tp, pp, cp) mesh."""
     from engine.spawn import run_world
 
-    world = tp * cp
+    world = tp * pp * cp
     with tempfile.TemporaryDirectory() as out:
         if world == 1:
-            _meshtron_rank(0, 1, megatron_dir, tp, cp, seq, out)
+            _meshtron_rank(0, 1, megatron_dir, tp, pp, cp, seq, out)
         else:
-            run_world(world, _meshtron_rank, megatron_dir, tp, cp, seq, out, timeout=1800)
+            run_world(world, _meshtron_rank, megatron_dir, tp, pp, cp, seq, out, timeout=1800)
         full = torch.full((NUM_SEQUENCES * seq, vocab), float("nan"))
         for f in os.listdir(out):
             part = torch.load(os.path.join(out, f))
@@ -72,17 +81,15 @@ def meshtron_logits(megatron_dir: str, tp: int, cp: int, seq: int, vocab: int) -
 def main(args) -> int:
     from transformers import AutoModelForCausalLM
 
-    if args.pp > 1:
-        raise ValueError("verify --pp > 1 needs pipeline parallelism, which is not implemented yet; use --pp 1")
     hf = AutoModelForCausalLM.from_pretrained(args.hf, local_files_only=True, dtype=torch.float32,
                                               attn_implementation="eager").eval()
     vocab = hf.config.vocab_size
     ids = _token_ids(vocab, args.seq)
     with torch.no_grad():
         ref = hf(ids).logits.float()
-    ours = meshtron_logits(args.megatron, args.tp, args.cp, args.seq, vocab)
+    ours = meshtron_logits(args.megatron, args.tp, args.pp, args.cp, args.seq, vocab)
     diff = float((ours - ref).abs().max())
-    print(f"max |logits(meshtron, tp={args.tp}, cp={args.cp}) - logits(transformers)| = {diff:.3e} "
+    print(f"max |logits(meshtron, tp={args.tp}, pp={args.pp}, cp={args.cp}) - logits(transformers)| = {diff:.3e} "
           f"(tolerance {args.tolerance:.1e}, {NUM_SEQUENCES}x{args.seq} tokens, vocab {vocab})")
     if args.save_logits:
         torch.save(ours, args.save_logits)

@@ -45,6 +45,25 @@ class PipelineRuntime:
         dist.irecv(buf, src, group=self.group, tag=tag).wait()
         return buf
 
+    @torch.no_grad()
+    def forward_only(self, batch) -> torch.Tensor | None:
+        """Inference through all stages: this tp rank's logits on the last stage, None elsewhere."""
+        self._pending, last, out = [], self.pp * self.vpp - 1, None
+        dtype = next(self.chunks[0].parameters()).dtype
+        for c in range(self.vpp):
+            stage = self._stage(c)
+            x = None
+            if stage > 0:
+                shape = (batch.num_tokens // self.mesh.tp, self.chunks[c].cfg.hidden_size)
+                x = self._recv(torch.empty(shape, dtype=dtype, device=self.mesh.device), self.prev,
+                               self._tag(0, stage, 0, False))
+            out = self.chunks[c](batch, x)
+            if stage < last:
+                self._send(out, self.next, self._tag(0, stage + 1, 0, False))
+        for req in self._pending:
+            req.wait()
+        return out if self._stage(self.vpp - 1) == last else None
+
     def run(self, units: list[list], num_valid: torch.Tensor) -> torch.Tensor:
         """Forward and backward of every unit ``units[mb][j]``; loss of each = Σ token losses /
         ``num_valid`` (I-5). Returns the summed loss of this rank (non-zero on the last stage)."""
