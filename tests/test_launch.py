@@ -46,7 +46,11 @@ def single_losses(tmp_path_factory):
     (2, ["parallel.cp=2", "parallel.sp_mode=ulysses"]),
     (4, ["parallel.cp=4", "parallel.sp_mode=hybrid", "parallel.hp=2"]),
     (2, ["sequence_parallel_size=2", "sequence_parallel_mode=zigzag-ring"]),
-], ids=["tp2-dp2", "cp2-ring", "cp2-ulysses", "cp4-hybrid-hp2", "360lf-keys"])
+    (2, ["parallel.pp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2"]),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.vpp=2"]),
+], ids=["tp2-dp2", "cp2-ring", "cp2-ulysses", "cp4-hybrid-hp2", "360lf-keys", "pp2-seq1f1b", "pp2-1f1b",
+        "pp2-interleaved"])
 def test_launch_sh_matches_single_process(tmp_path, single_losses, nproc, overrides):
     r = run(["bash", "tools/launch.sh", TINY, *overrides, "train.steps=3", f"train.output_dir={tmp_path}"], nproc=nproc)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
