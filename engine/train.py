@@ -23,7 +23,7 @@ from engine.parallel.comm import all_reduce_
 from engine.parallel.context import make_core_attention
 from engine.parallel.context.layout import split_for_cp
 from engine.parallel.pipeline.runtime import PipelineRuntime
-from engine.parallel.pipeline.seqchunks import split_units
+from engine.parallel.pipeline.seqchunks import split_units, split_units_cp
 
 
 def build_model(cfg, mesh) -> torch.nn.ModuleList:
@@ -55,18 +55,28 @@ def build_dataset(cfg):
     return SyntheticSequences(cfg.model.vocab_size, d.seq_len, d.min_doc_len, d.max_doc_len, cfg.train.seed)
 
 
-def rank_micro_batches(dataset, step: int, cfg, mesh) -> list[PackedBatch]:
-    """This rank's share of the global batch of ``step``, as micro-batches: the dp rank's
-    sequences, and with cp > 1 this cp rank's zigzag slice of each micro-batch (I-3)."""
-    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+def rank_micro_batches(dataset, step: int, cfg, mesh) -> list:
+    """This rank's share of the global batch of ``step``: the dp rank's sequences as
+    micro-batches, each cut into this cp rank's zigzag slice (I-3) — or, under Seq1F1B, each a
+    list of sequence units (cut first, then laid out over cp)."""
+    gbs, mbs, p = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.parallel
     per_dp = gbs // mesh.dp
     first = step * gbs + mesh.index("dp") * per_dp
     seqs = [dataset.sequence(i) for i in range(first, first + per_dp)]
-    mbs_list = [concat(seqs[i:i + mbs]) for i in range(0, per_dp, mbs)]
+    full = [concat(seqs[i:i + mbs]) for i in range(0, per_dp, mbs)]
+    where = dict(rp=mesh.rp, hp=mesh.hp, tp=mesh.tp, ring_rank=mesh.index("rp"), head_rank=mesh.index("hp"))
+    if p.pp_schedule == "seq1f1b" and p.seq_chunks > 1:
+        multiple = mesh.tp if mesh.cp == 1 else 2 * mesh.cp * mesh.tp
+        out = []
+        for mb in full:
+            lengths = unit_lengths(mb.num_tokens, p.seq_chunks, cfg.model, multiple, p.seq_partition)
+            units = (split_units(mb, lengths) if mesh.cp == 1 else
+                     split_units_cp(mb, lengths, cp_group=mesh.group("cp"), **where))
+            out.append([u.to(mesh.device) for u in units])
+        return out
     if mesh.cp > 1:
-        mbs_list = [split_for_cp(mb, rp=mesh.rp, hp=mesh.hp, tp=mesh.tp, ring_rank=mesh.index("rp"),
-                                 head_rank=mesh.index("hp")) for mb in mbs_list]
-    return [mb.to(mesh.device) for mb in mbs_list]
+        full = [split_for_cp(mb, **where) for mb in full]
+    return [mb.to(mesh.device) for mb in full]
 
 
 def global_valid_tokens(micro_batches: list[PackedBatch], mesh) -> torch.Tensor:
@@ -75,28 +85,27 @@ def global_valid_tokens(micro_batches: list[PackedBatch], mesh) -> torch.Tensor:
     return all_reduce_(n, mesh.group("dp_cp"))
 
 
-def forward_backward(model, micro_batches: list[PackedBatch], mesh, parallel=None) -> tuple[float, int]:
+def forward_backward(model, micro_batches: list, mesh, parallel=None) -> tuple[float, int]:
     """Accumulate gradients of loss = Σ token losses / global valid tokens over this rank's
-    micro-batches through the pipeline schedule; returns (loss of the step, valid tokens)."""
+    micro-batches (or Seq1F1B unit lists) through the pipeline schedule; returns (loss of the
+    step, valid tokens)."""
+    units = [mb if isinstance(mb, list) else [mb] for mb in micro_batches]
+    num_valid = global_valid_tokens([u for mb in units for u in mb], mesh)
     schedule = parallel.pp_schedule if parallel else "1f1b"
-    k = parallel.seq_chunks if parallel and schedule == "seq1f1b" else 1
-    num_valid = global_valid_tokens(micro_batches, mesh)
-    units = [[mb] if k == 1 else split_units(mb, unit_lengths(mb.num_tokens, k, model[0].cfg, mesh, parallel))
-             for mb in micro_batches]
-    runtime = PipelineRuntime(list(model), mesh, schedule, k)
-    total = runtime.run([[u.to(mesh.device) for u in mb] for mb in units], num_valid)
+    runtime = PipelineRuntime(list(model), mesh, schedule, len(units[0]))
+    total = runtime.run(units, num_valid)
     all_reduce_(total, mesh.group("pp"))  # the loss lives on the last stage
     return float(all_reduce_(total, mesh.group("dp_cp"))), int(num_valid)
 
 
-def unit_lengths(num_tokens: int, k: int, model_cfg, mesh, parallel) -> list[int]:
-    """Seq1F1B unit lengths of a micro-batch: equal tokens or equal compute, multiples of tp."""
+def unit_lengths(num_tokens: int, k: int, model_cfg, multiple: int, partition: str) -> list[int]:
+    """Seq1F1B unit lengths of a micro-batch: equal tokens or equal compute, in ``multiple``s."""
     from engine.parallel.pipeline.partition import compute_partition, uniform_partition
 
-    if parallel.seq_partition == "uniform":
-        return uniform_partition(num_tokens, k, mesh.tp)
+    if partition == "uniform":
+        return uniform_partition(num_tokens, k, multiple)
     m = model_cfg
-    return compute_partition(num_tokens, k, mesh.tp, hidden=m.hidden_size, num_layers=m.num_layers,
+    return compute_partition(num_tokens, k, multiple, hidden=m.hidden_size, num_layers=m.num_layers,
                              num_heads=m.num_attention_heads, head_dim=m.head_dim, ffn=m.ffn_hidden_size,
                              vocab=m.vocab_size)
 

@@ -1,6 +1,7 @@
 """I-5 for pipeline parallelism: loss, every gradient, the grad norm and the weights after 3 AdamW
 steps equal the single-process run for pp ∈ {2, 4} under 1F1B, interleaved and Seq1F1B (uniform
-and compute-balanced units), and for pp = 2 combined with tp = 2, cp = 2 (ring) and dp = 2
+and compute-balanced units), and for pp = 2 combined with tp = 2, cp = 2 (ring, Ulysses; Seq1F1B × zigzag ring included), hybrid
+cp = 4 and dp = 2
 (tolerances of test_tp_exact.py). Tied embeddings split over stages stay equal."""
 from __future__ import annotations
 
@@ -39,7 +40,15 @@ MESHES = {
         ["parallel.pp=2", "parallel.tp=2"],
         ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2"],
         ["parallel.pp=2", "parallel.cp=2"],
+        ["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2"],
+        ["parallel.pp=2", "parallel.cp=2", "parallel.sp_mode=ulysses", "parallel.pp_schedule=seq1f1b",
+         "parallel.seq_chunks=3"],
         ["parallel.pp=2", "parallel.dp=2"]],
+    8: [["parallel.pp=2", "parallel.cp=4", "parallel.sp_mode=hybrid", "parallel.hp=2",
+         "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2"],
+        ["parallel.pp=2", "parallel.tp=2", "parallel.cp=2", "parallel.pp_schedule=seq1f1b",
+         "parallel.seq_chunks=2"],
+        ["parallel.pp=2", "parallel.tp=2", "parallel.dp=2", "parallel.pp_schedule=interleaved", "parallel.vpp=2"]],
 }
 
 

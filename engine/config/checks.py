@@ -161,9 +161,6 @@ def _check_pipeline(cfg: Config, dp: int) -> None:
                               f"train.global_batch_size or train.micro_batch_size")
     if p.seq_chunks > 1 and p.pp_schedule != "seq1f1b":
         raise ConfigError(f"parallel.seq_chunks={p.seq_chunks} needs parallel.pp_schedule=seq1f1b")
-    if p.pp_schedule == "seq1f1b" and p.cp > 1:
-        raise ConfigError("parallel.pp_schedule=seq1f1b with parallel.cp > 1 is not supported yet; "
-                          "use cp=1 or the 1f1b / interleaved schedule")
     stages = p.pp * p.vpp
     if p.layers_per_stage is not None:
         lps = p.layers_per_stage

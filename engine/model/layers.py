@@ -93,17 +93,19 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache = getattr(batch, "cache", None)
-        if cache is not None:  # a Seq1F1B unit: attend to the cached keys of earlier units too
-            k, v = cache.extend(self.layer_id, k, v.contiguous())
+        cache, v = getattr(batch, "cache", None), v.contiguous()
+        if cache is not None and cache.cp_group is None:  # Seq1F1B unit: keys of earlier units too
+            k, v = cache.extend(self.layer_id, k, v)
             out = _LocalAttention.apply(q, k[batch.k_start:], v[batch.k_start:], batch.cu_seqlens,
                                         batch.cu_seqlens_k, True, None)
+        elif cache is not None:  # Seq1F1B unit under context parallelism: the prefix joins the ring
+            out = self.core_attention(q, k, v, batch, cache.prefix(self.layer_id, batch.unit, k, v))
         else:
-            out = self.core_attention(q, k, v.contiguous(), batch)
+            out = self.core_attention(q, k, v, batch)
         return self.linear_proj(out.reshape(out.shape[0], -1))
 
 
-def _local_core_attention(q, k, v, batch):
+def _local_core_attention(q, k, v, batch, prefix=None):
     return local_attention(q, k, v, batch.cu_seqlens, causal=True)
 
 

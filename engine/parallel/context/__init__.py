@@ -12,7 +12,6 @@ placement of hp and rp ranks is the mesh's business.
 """
 from __future__ import annotations
 
-from engine.kernels.attention import _LocalAttention
 from engine.parallel.context.ring import DoubleRing, ring_attention
 from engine.parallel.context.ulysses import heads_to_seq, kv_for_heads, seq_to_heads
 
@@ -21,18 +20,23 @@ def make_core_attention(mesh, ring_window: int = 0):
     """The core attention of this rank's mesh position (None when cp = 1: the model's default)."""
     if mesh.cp == 1:
         return None
-    hp, hp_group = mesh.hp, mesh.group("hp")
-    comm = DoubleRing(mesh.group("rp"), mesh.ranks("rp"), mesh.index("rp"), ring_window) if mesh.rp > 1 else None
+    hp, hp_group, hp_index = mesh.hp, mesh.group("hp"), mesh.index("hp")
+    # rp = 1 (Ulysses) is a ring of one rank: only its local causal step runs
+    ring = DoubleRing(mesh.group("rp"), mesh.ranks("rp"), mesh.index("rp"), ring_window)
 
-    def core_attention(q, k, v, batch):
-        meta = batch.meta
+    def core_attention(q, k, v, batch, prefix=None):
         q = seq_to_heads(q, hp_group, hp)
         k = seq_to_heads(kv_for_heads(k, hp), hp_group, hp)
         v = seq_to_heads(kv_for_heads(v, hp), hp_group, hp)
-        if comm is None:
-            out = _LocalAttention.apply(q, k, v, meta.cu_seqlens, meta.cu_seqlens, True, None)
-        else:
-            out = ring_attention(q, k, v, meta, comm)
-        return heads_to_seq(out, hp_group, hp)
+        if prefix is not None and hp > 1:  # this hp rank's KV heads of the (all-token) prefix
+            k_pre, v_pre, cu = prefix
+            k_pre, v_pre = (_head_slice(kv_for_heads(t, hp), hp, hp_index) for t in (k_pre, v_pre))
+            prefix = (k_pre, v_pre, cu)
+        return heads_to_seq(ring_attention(q, k, v, batch.meta, ring, prefix=prefix), hp_group, hp)
 
     return core_attention
+
+
+def _head_slice(kv_TGD, hp: int, index: int):
+    t, g, d = kv_TGD.shape
+    return kv_TGD.view(t, hp, g // hp, d)[:, index]

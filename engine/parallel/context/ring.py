@@ -149,7 +149,7 @@ def ring_forward(q, k, v, meta, ring: DoubleRing, scale):
         if outer is not None:
             wait, kv = outer
             wait()
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 def _round_backward(dout, q, kv, out, lse, meta, ring: DoubleRing, rnd: int, scale, dq):
@@ -210,19 +210,34 @@ def ring_backward(dout, q, k, v, out, lse, meta, ring: DoubleRing, scale):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, ring, scale):
+    def forward(ctx, q, k, v, k_pre, v_pre, meta, ring, scale, cu_pre):
         out, lse = ring_forward(q, k, v, meta, ring, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if k_pre is not None:  # Seq1F1B: every earlier unit's keys of the same document, all visible
+            o, l = attention_forward(q, k_pre, v_pre, meta.cu_seqlens, cu_pre, causal=False, scale=scale)
+            _merge(out, lse, o, l)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, k_pre, v_pre, cu_pre)
         ctx.meta, ctx.ring, ctx.scale = meta, ring, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.meta, ctx.ring, ctx.scale)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, k_pre, v_pre, cu_pre = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.meta, ctx.ring, ctx.scale)
+        dk_pre = dv_pre = None
+        if k_pre is not None:
+            a, dk_pre, dv_pre = attention_backward(dout, q, k_pre, v_pre, out, lse, ctx.meta.cu_seqlens, cu_pre,
+                                                   causal=False, scale=ctx.scale)
+            dq = dq + a
+        return dq, dk, dv, dk_pre, dv_pre, None, None, None, None
 
 
-def ring_attention(q_SHD, k_SGD, v_SGD, meta, ring: DoubleRing, scale=None):
-    """Causal zigzag (double) ring attention of this ring rank's stream; ``[S, H, D]`` out."""
-    return _RingAttention.apply(q_SHD, k_SGD, v_SGD, meta, ring, scale)
+def ring_attention(q_SHD, k_SGD, v_SGD, meta, ring: DoubleRing, scale=None, prefix=None):
+    """Causal zigzag (double) ring attention of this ring rank's stream; ``[S, H, D]`` out.
+
+    ``prefix = (k_pre, v_pre, cu_pre)``: keys/values that every query of a document sees in full
+    (Seq1F1B's earlier units), grouped per document like ``meta.cu_seqlens``; merged through lse
+    in the same pass, with their gradients returned."""
+    k_pre, v_pre, cu_pre = prefix if prefix is not None else (None, None, None)
+    return _RingAttention.apply(q_SHD, k_SGD, v_SGD, k_pre, v_pre, meta, ring, scale, cu_pre)
