@@ -8,24 +8,9 @@ from __future__ import annotations
 import pytest
 
 from tests.harness import run_world
-from tests.test_tp_exact import MODELS, check, compare, make_cfg, run_steps
+from tests.test_tp_exact import check_reports, mesh_world_checks
 
 LAYERS = ["model.num_layers=8"]
-
-
-def world_checks(rank, world, meshes):
-    from engine.mesh import ParallelMesh
-
-    report = {}
-    for model_name in ("llama-gqa", "qwen2-bias-tied"):
-        over = MODELS[model_name] + LAYERS
-        ref = run_steps(make_cfg(over + ["parallel.dp=1"], 1), ParallelMesh.single())
-        for mesh_over in meshes:
-            cfg = make_cfg(over + mesh_over, world)
-            p = cfg.parallel
-            mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp)
-            report[(model_name, " ".join(mesh_over))] = compare(run_steps(cfg, mesh), ref)
-    return report
 
 
 MESHES = {
@@ -54,9 +39,4 @@ MESHES = {
 
 @pytest.mark.parametrize("world", sorted(MESHES))
 def test_pp_mesh_exact(world):
-    reports = run_world(world, world_checks, MESHES[world], timeout=1500)
-    for rank, report in enumerate(reports):
-        for key, worst in report.items():
-            if rank == 0:
-                print(key, {k: f"{v:.2e}" for k, v in worst.items()})
-            check(worst, key)
+    check_reports(run_world(world, mesh_world_checks, MESHES[world], LAYERS, timeout=1500))

@@ -110,6 +110,31 @@ def compare(got, ref) -> dict:
     return worst
 
 
+def mesh_world_checks(rank, world, meshes, extra=()):
+    """In a spawned world: for both models, the single-process reference, then every mesh given as
+    config overrides; returns the worst differences per (model, mesh)."""
+    from engine.mesh import ParallelMesh
+
+    report = {}
+    for model_name, model_over in MODELS.items():
+        over = model_over + list(extra)
+        ref = run_steps(make_cfg(over + ["parallel.dp=1"], 1), ParallelMesh.single())
+        for mesh_over in meshes:
+            cfg = make_cfg(over + mesh_over, world)
+            p = cfg.parallel
+            mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, placement=p.placement)
+            report[(model_name, " ".join(mesh_over))] = compare(run_steps(cfg, mesh), ref)
+    return report
+
+
+def check_reports(reports) -> None:
+    for rank, report in enumerate(reports):
+        for key, worst in report.items():
+            if rank == 0:
+                print(key, {k: f"{v:.2e}" for k, v in worst.items()})
+            check(worst, key)
+
+
 def world_checks(rank, world, meshes):
     from engine.mesh import ParallelMesh
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import torch
 
-_BLOCK_Q = 1024
+# query rows per block: the fp32 score block [heads, rows, keys] stays near 8 MiB, so it is reused
+# from the allocator's cache instead of being mapped and faulted in afresh each time (which
+# doubled the CPU cost at 1k-token documents)
+_SCORE_BUDGET = 2**21
 
 
 def _doc_spans(cu_q: torch.Tensor, cu_k: torch.Tensor):
@@ -39,9 +42,10 @@ def _scores(q_blk, k_doc, scale, causal, q_off, len_q, len_k):
     return s
 
 
-def _blocks(sq0, sq1):
-    for b0 in range(sq0, sq1, _BLOCK_Q):
-        yield b0, min(b0 + _BLOCK_Q, sq1)
+def _blocks(sq0, sq1, num_keys: int, num_heads: int):
+    rows = max(16, min(1024, _SCORE_BUDGET // max(1, num_keys * num_heads)))
+    for b0 in range(sq0, sq1, rows):
+        yield b0, min(b0 + rows, sq1)
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q=None, max_k=None,
@@ -57,7 +61,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q=None, max_k=Non
         if sk1 == sk0:  # no keys: out stays 0, lse -inf
             continue
         k_doc, v_doc = k[sk0:sk1], v[sk0:sk1]
-        for b0, b1 in _blocks(sq0, sq1):
+        for b0, b1 in _blocks(sq0, sq1, sk1 - sk0, num_heads):
             s = _scores(q[b0:b1], k_doc, scale, causal, b0 - sq0, sq1 - sq0, sk1 - sk0)
             m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
             p = torch.exp(s - m)
@@ -87,7 +91,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
         if sk1 == sk0:
             continue
         k_doc, v_doc = k[sk0:sk1], v[sk0:sk1]
-        for b0, b1 in _blocks(sq0, sq1):
+        for b0, b1 in _blocks(sq0, sq1, sk1 - sk0, num_heads):
             s = _scores(q[b0:b1], k_doc, scale, causal, b0 - sq0, sq1 - sq0, sk1 - sk0)
             bq = b1 - b0
             lse_blk = lse[:, b0:b1].reshape(num_groups, -1, bq, 1)
