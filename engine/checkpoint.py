@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import torch
 
@@ -92,7 +93,17 @@ def save_torch_dist(model, mesh, root: str, iteration: int) -> str | None:
         return None
     out = os.path.join(root, f"iter_{iteration:07d}")
     md = model_dict(_first(model).cfg)
-    save_dist(full.__getitem__, canonical_names(md), md, out, iteration=iteration)
+    fresh = f"{out}.new"
+    shutil.rmtree(fresh, ignore_errors=True)  # a previous save killed midway
+    save_dist(full.__getitem__, canonical_names(md), md, fresh, iteration=iteration)
+    if os.path.exists(out):  # a rerun into the same directory replaces that iteration
+        old = f"{out}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(fresh, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(fresh, out)
     write_tracker(root, iteration)
     return out
 

@@ -202,3 +202,10 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2_with_the_same_next_step_lo
     for name, loss in losses.items():
         assert loss == pytest.approx(losses["tp1"], rel=1e-5), losses
     assert abs(losses["tp1"] - first_loss(tmp_path / "tp2")) > 1e-4, "the loaded weights are the trained ones"
+
+
+def test_rerun_into_the_same_output_dir_replaces_the_final_checkpoint(tmp_path):
+    for steps in (1, 1):
+        run_train(f"train.steps={steps}", f"train.output_dir={tmp_path}")
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
