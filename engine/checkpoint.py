@@ -74,6 +74,20 @@ def _full_state(model, mesh) -> dict | None:
     return merged
 
 
+def gather_canonical(model, mesh, local: dict) -> dict | None:
+    """Canonical (unsharded) tensors of any per-parameter state keyed by local parameter names
+    (optimizer moments, fp32 masters), assembled on global rank 0."""
+    full = canonical_tensors(model, local)
+    parts = gather_objects(full, mesh.group("pp"), mesh.ranks("pp")[0])
+    if mesh.rank != 0:
+        return None
+    merged = {}
+    for part in parts:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged
+
+
 def _first(model):
     return model[0] if isinstance(model, torch.nn.ModuleList) else model
 
@@ -82,9 +96,10 @@ def model_dict(cfg_model) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg_model).items() if k != "load"}
 
 
-def save_torch_dist(model, mesh, root: str, iteration: int) -> str | None:
-    """Write ``root/iter_NNNNNNN`` (torch_dist) and the tracker file; returns the directory on
-    global rank 0 (None elsewhere). Every rank must call it (tp gather)."""
+def save_torch_dist(model, mesh, root: str, iteration: int, extra: dict | None = None) -> str | None:
+    """Write ``root/iter_NNNNNNN`` (torch_dist, plus ``extra`` {file name: object} saved with
+    torch.save beside it) atomically, then the tracker file; returns the directory on global
+    rank 0 (None elsewhere). Every rank must call it (tp and pp gathers)."""
     from convert.megatron_dist import save_dist
     from convert.megatron_io import write_tracker
 
@@ -96,6 +111,8 @@ def save_torch_dist(model, mesh, root: str, iteration: int) -> str | None:
     fresh = f"{out}.new"
     shutil.rmtree(fresh, ignore_errors=True)  # a previous save killed midway
     save_dist(full.__getitem__, canonical_names(md), md, fresh, iteration=iteration)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, os.path.join(fresh, name))
     if os.path.exists(out):  # a rerun into the same directory replaces that iteration
         old = f"{out}.old"
         shutil.rmtree(old, ignore_errors=True)

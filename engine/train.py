@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from engine.checkpoint import export_hf, load_weights, save_torch_dist
+from engine.checkpoint import export_hf, load_weights
+from engine.resume import find_resume, load_training_checkpoint, save_training_checkpoint
 from engine.data.packing import PackedBatch, concat
 from engine.data.synthetic import SyntheticSequences
 from engine.model.gpt import GPTModel, init_canonical
@@ -110,12 +111,11 @@ def unit_lengths(num_tokens: int, k: int, model_cfg, multiple: int, partition: s
                              vocab=m.vocab_size)
 
 
-def finish(model, mesh, cfg) -> None:
-    """Final checkpoint (torch_dist) and HF export, as configured."""
+def finish(model, opt, mesh, cfg) -> None:
+    """Final checkpoint and HF export, as configured."""
     ck = cfg.checkpoint
     if ck.save_final:
-        root = ck.dir or os.path.join(cfg.train.output_dir, "checkpoints")
-        where = save_torch_dist(model, mesh, root, cfg.train.steps)
+        where = save_training_checkpoint(model, opt, mesh, cfg, cfg.train.steps)
         if where:
             print(f"saved checkpoint {where}", flush=True)
     if ck.export_hf:
@@ -127,12 +127,18 @@ def finish(model, mesh, cfg) -> None:
 class MetricsWriter:
     """metrics.jsonl (one JSON object per optimizer step) and console lines, on global rank 0."""
 
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        if enabled:
+        if enabled:  # a resumed run keeps the rows before its first step
             os.makedirs(output_dir, exist_ok=True)
-            open(self.path, "w").close()
+            rows = []
+            if start_step > 0 and os.path.exists(self.path):
+                with open(self.path) as f:
+                    rows = [line for line in f if line.strip() and json.loads(line)["step"] < start_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(self.path + ".tmp", self.path)
 
     def write(self, row: dict, echo: bool = True) -> None:
         if not self.enabled:
@@ -150,9 +156,16 @@ def train(cfg, mesh) -> list[dict]:
     model = build_model(cfg, mesh)
     opt = MeshOptimizer(model, cfg.optim, mesh, cfg.train.steps)
     dataset = build_dataset(cfg)
-    writer = MetricsWriter(cfg.train.output_dir, mesh.rank == 0)
+    first_step = 0
+    where = find_resume(cfg)
+    if where:
+        first_step = load_training_checkpoint(model, opt, mesh, where)
+        if mesh.rank == 0:
+            print(f"resumed from {where} at step {first_step}", flush=True)
+    writer = MetricsWriter(cfg.train.output_dir, mesh.rank == 0, first_step)
     rows, start = [], time.perf_counter()
-    for step in range(cfg.train.steps):
+    ck = cfg.checkpoint
+    for step in range(first_step, cfg.train.steps):
         t0 = time.perf_counter()
         loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh, cfg.parallel)
         stats = opt.step()
@@ -161,8 +174,10 @@ def train(cfg, mesh) -> list[dict]:
                "time_s": dt, "tokens_per_s": num_tokens / dt}
         rows.append(row)
         writer.write(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
-    finish(model, mesh, cfg)
-    if mesh.rank == 0:
+        if ck.every and (step + 1) % ck.every == 0 and step + 1 < cfg.train.steps:
+            save_training_checkpoint(model, opt, mesh, cfg, step + 1)
+    finish(model, opt, mesh, cfg)
+    if mesh.rank == 0 and rows:
         elapsed = time.perf_counter() - start
         print(f"done: {len(rows)} steps in {elapsed:.1f}s | first loss {rows[0]['loss']:.4f} | "
               f"last loss {rows[-1]['loss']:.4f} | mesh {mesh}", flush=True)

@@ -30,6 +30,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     dp = _resolve_dp(cfg.parallel, world_size)
     _check_batch_and_data(cfg, dp)
     _check_pipeline(cfg, dp)
+    _check_paths(cfg)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
 
 
@@ -170,6 +171,18 @@ def _check_pipeline(cfg: Config, dp: int) -> None:
     elif m.num_layers % stages and (stages < 3 or m.num_layers < stages):
         raise ConfigError(f"model.num_layers={m.num_layers} cannot be split over pp*vpp = {stages} "
                           f"stages; set parallel.layers_per_stage")
+
+
+def _check_paths(cfg: Config) -> None:
+    """Inputs that must exist, checked before any process group or model is built."""
+    import os
+
+    if cfg.model.load is not None and not os.path.isdir(cfg.model.load):
+        raise ConfigError(f"model.load={cfg.model.load} does not exist; give a Megatron checkpoint directory "
+                          f"(convert a Hugging Face model with meshtron-convert hf-to-megatron)")
+    resume = cfg.train.resume
+    if resume not in ("auto", "none") and not os.path.isdir(resume):
+        raise ConfigError(f"train.resume={resume} does not exist; use auto, none or a checkpoint directory")
 
 
 def _check_batch_and_data(cfg: Config, dp: int) -> None:

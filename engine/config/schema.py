@@ -127,6 +127,9 @@ class TrainConfig:
     """bf16 parameters and activations with fp32 master weights."""
     log_interval: int = 1
     """Log metrics every this many steps."""
+    resume: str = "none"
+    """Resume from a checkpoint: "auto" (the latest in checkpoint.dir, if any), a checkpoint
+    path, or "none". Restores weights, optimizer, schedule, data position and RNG."""
 
 
 @dataclass
@@ -153,6 +156,10 @@ class DistConfig:
 class CheckpointConfig:
     dir: str | None = None
     """Where checkpoints go (Megatron torch_dist, iter_NNNNNNN folders); None = train.output_dir/checkpoints."""
+    every: int = 0
+    """Save a checkpoint every this many optimizer steps (0: only the final one)."""
+    keep: int = 3
+    """Keep the last this many checkpoints (0: keep all)."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
     export_hf: str | None = None
