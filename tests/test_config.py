@@ -317,12 +317,20 @@ def test_validation_accepts_what_it_suggests():
 
 # --- round trip, CLI, documentation ----------------------------------------------------------
 
+def test_missing_input_paths_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="model.load=.*nope does not exist"):
+        validate(load_config(None, [f"model.load={tmp_path / 'nope'}"]), 1)
+    with pytest.raises(ConfigError, match="train.resume=.*nope does not exist"):
+        validate(load_config(None, [f"train.resume={tmp_path / 'nope'}"]), 1)
+
+
 def test_round_trip_through_yaml(tmp_path):
     rope = ("{rope_type: llama3, factor: 8.0, low_freq_factor: 1, high_freq_factor: 4, "
             "original_max_position_embeddings: 8192}")
+    (tmp_path / "ckpt").mkdir()
     cfg = load_config(None, [f"model.rope_scaling={rope}",
                              "model.norm_epsilon=1e-6", "optim.eps=1e-8", "parallel.tp=2",
-                             "model.load=ckpt", "train.bf16=true"])
+                             f"model.load={tmp_path / 'ckpt'}", "train.bf16=true"])
     raw = config_to_dict(cfg)
     assert raw["model"]["rope_scaling"]["factor"] == 8.0
     assert raw["parallel"]["tp"] == 2 and set(raw) == {"model", "parallel", "optim", "train",
