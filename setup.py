@@ -27,6 +27,7 @@ setup(
         "pyyaml>=6.0",
         "scipy>=1.11",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "megatron-core==0.16.1"],

@@ -75,7 +75,7 @@ def _float32(v: float) -> bytes:
 def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
                  scalars: dict[str, float] | None = None, session_start: bool = False) -> bytes:
     """An ``Event`` protobuf: wall_time(1) double, step(2) int64, file_version(3) string,
-    summary(5) -> Summary.value(1) -> Value{tag(1), simple_value(2)}, session_log(6)."""
+    summary(5) -> Summary.value(1) -> Value{tag(1), simple_value(2)}, session_log(7)."""
     msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
     if file_version is not None:
         msg += _field(3, 2, file_version.encode())
@@ -84,7 +84,7 @@ def encode_event(wall_time: float, step: int, *, file_version: str | None = None
                           for tag, v in scalars.items())
         msg += _field(5, 2, values)
     if session_start:  # SessionLog{status(1)=START}: TensorBoard drops older events at step >= this
-        msg += _field(6, 2, _field(1, 0, _varint(1)))
+        msg += _field(7, 2, _field(1, 0, _varint(1)))
     return msg
 
 
