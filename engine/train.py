@@ -7,13 +7,12 @@ and the step alone, so every mesh trains on the same data.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import torch
 
 from engine.checkpoint import export_hf, load_weights
+from engine.metrics import RunLogger
 from engine.resume import find_resume, load_training_checkpoint, save_training_checkpoint
 from engine.data.packing import PackedBatch, concat
 from engine.data.synthetic import SyntheticSequences
@@ -124,32 +123,6 @@ def finish(model, opt, mesh, cfg) -> None:
             print(f"exported Hugging Face model to {ck.export_hf}", flush=True)
 
 
-class MetricsWriter:
-    """metrics.jsonl (one JSON object per optimizer step) and console lines, on global rank 0."""
-
-    def __init__(self, output_dir: str, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        if enabled:  # a resumed run keeps the rows before its first step
-            os.makedirs(output_dir, exist_ok=True)
-            rows = []
-            if start_step > 0 and os.path.exists(self.path):
-                with open(self.path) as f:
-                    rows = [line for line in f if line.strip() and json.loads(line)["step"] < start_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.path + ".tmp", self.path)
-
-    def write(self, row: dict, echo: bool = True) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if echo:
-            print(f"step {row['step']:>5d} | loss {row['loss']:.6f} | grad_norm {row['grad_norm']:.4f} | "
-              f"lr {row['lr']:.3e} | tokens {row['num_tokens']} | {row['tokens_per_s']:.0f} tok/s", flush=True)
-
-
 def train(cfg, mesh) -> list[dict]:
     """Run ``cfg.train.steps`` optimizer steps; returns the metrics rows (on every rank)."""
     torch.manual_seed(cfg.train.seed)
@@ -162,7 +135,8 @@ def train(cfg, mesh) -> list[dict]:
         first_step = load_training_checkpoint(model, opt, mesh, where)
         if mesh.rank == 0:
             print(f"resumed from {where} at step {first_step}", flush=True)
-    writer = MetricsWriter(cfg.train.output_dir, mesh.rank == 0, first_step)
+    log = RunLogger(cfg.train.output_dir, enabled=mesh.rank == 0, total_steps=cfg.train.steps,
+                    start_step=first_step)
     rows, start = [], time.perf_counter()
     ck = cfg.checkpoint
     for step in range(first_step, cfg.train.steps):
@@ -173,9 +147,10 @@ def train(cfg, mesh) -> list[dict]:
         row = {"step": step, "loss": loss, **stats, "num_tokens": num_tokens,
                "time_s": dt, "tokens_per_s": num_tokens / dt}
         rows.append(row)
-        writer.write(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
+        log.log(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
         if ck.every and (step + 1) % ck.every == 0 and step + 1 < cfg.train.steps:
             save_training_checkpoint(model, opt, mesh, cfg, step + 1)
+    log.close()
     finish(model, opt, mesh, cfg)
     if mesh.rank == 0 and rows:
         elapsed = time.perf_counter() - start
