@@ -41,10 +41,8 @@ def sequence_logprob_sums(token_losses_T: torch.Tensor, segment_ids_T: torch.Ten
     ``∂S/∂s_r = 1``, the gradient of rank r's partial sum is exactly ``∂L/∂S`` — nothing to add.
     Each rank then back-propagates only through its own tokens, and the parameter gradients are
     summed over dp×cp (I-5): ``Σ_r ∂L/∂S · ∂s_r/∂θ = ∂L/∂θ``. A summing backward (all-reduce)
-    would count the replicated loss cp times (gradients cp× too large); the opposite mistake,
-    an in-place ``dist.all_reduce`` that autograd sees as "S = s_r", is harmless here only by
-    accident of value and is banned (DESIGN §4). Note the consequence for logging: the loss
-    value is replicated over cp, so average (not sum) it over cp when reporting.
+    would count the replicated loss cp times (gradients cp× too large). Note the consequence for
+    logging: the loss value is replicated over cp, so average (not sum) it over cp when reporting.
     """
     present = segment_ids_T >= 0
     ids = torch.where(present, segment_ids_T, 0)
