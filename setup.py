@@ -28,6 +28,7 @@ setup(
         "scipy>=1.11",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "pyarrow>=14",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "megatron-core==0.16.1"],

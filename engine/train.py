@@ -49,10 +49,29 @@ def build_model(cfg, mesh) -> torch.nn.ModuleList:
 
 
 def build_dataset(cfg):
+    """Packed sequences of ``data.seq_len`` tokens: generated, or SFT records from files."""
     d = cfg.data
-    if d.source != "synthetic":
-        raise ValueError(f"data.source={d.source!r} is not supported yet; use 'synthetic'")
-    return SyntheticSequences(cfg.model.vocab_size, d.seq_len, d.min_doc_len, d.max_doc_len, cfg.train.seed)
+    if d.source == "synthetic":
+        return SyntheticSequences(cfg.model.vocab_size, d.seq_len, d.min_doc_len, d.max_doc_len, cfg.train.seed)
+    from engine.data.sft import SFTDataset
+
+    if d.format == "preference":
+        raise ValueError("data.format=preference is DPO data; SFT needs alpaca, sharegpt or messages records")
+    fmt = {"messages": "openai"}.get(d.format, d.format)
+    return SFTDataset(d.path, load_tokenizer(cfg), d.seq_len, cfg.train.seed, format=fmt,
+                      skip_bad_records=d.skip_bad_records, overflow=d.overflow)
+
+
+def load_tokenizer(cfg):
+    """The run's tokenizer: ``data.tokenizer``, else the hf/ folder of the loaded checkpoint."""
+    from transformers import AutoTokenizer
+
+    path = cfg.data.tokenizer or os.path.join(cfg.model.load, "hf")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tok) > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer at {path} has {len(tok)} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; use a matching model")
+    return tok
 
 
 def rank_micro_batches(dataset, step: int, cfg, mesh) -> list:

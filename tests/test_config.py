@@ -281,7 +281,7 @@ def test_valid_config_resolves_dp():
                             "mistral"),
     (["dist.backend=mpi"], 1, "dist.backend='mpi' is not supported; use dist.backend=auto, gloo "
                               "or nccl"),
-    (["data.source=hf"], 1, "data.source='hf' is not supported; use data.source=synthetic"),
+    (["data.source=hf"], 1, "data.source='hf' is not supported; use data.source=synthetic or files"),
     (["optim.lr=0"], 1, "optim.lr=0.0 must be > 0"),
     (["optim.lr=-1e-3", "optim.min_lr=0"], 1, "optim.lr=-0.001 must be > 0"),
     (["train.steps=0"], 1, "train.steps=0 must be >= 1"),

@@ -12,7 +12,9 @@ _AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size
 _POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std", "optim.lr",
              "optim.eps", "dist.timeout_s")
 _NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad")
-_CHOICES = {"model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic",),
+_CHOICES = {"model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
+            "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference"),
+            "data.overflow": ("error", "truncate", "drop"),
             "parallel.placement": ("head-first", "context-first"),
             "parallel.sp_mode": ("ring", "ulysses", "hybrid"),
             "parallel.pp_schedule": ("1f1b", "interleaved", "seq1f1b"),
@@ -180,6 +182,19 @@ def _check_paths(cfg: Config) -> None:
     if cfg.model.load is not None and not os.path.isdir(cfg.model.load):
         raise ConfigError(f"model.load={cfg.model.load} does not exist; give a Megatron checkpoint directory "
                           f"(convert a Hugging Face model with meshtron-convert hf-to-megatron)")
+    if cfg.data.source == "files":
+        import glob
+
+        paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
+        if cfg.data.path is None:
+            raise ConfigError("data.source=files needs data.path (a file, a glob or a list)")
+        missing = [p for p in paths if not glob.glob(str(p))]
+        if missing:
+            raise ConfigError(f"data.path: nothing matches {missing}")
+        tok = cfg.data.tokenizer or (os.path.join(cfg.model.load, "hf") if cfg.model.load else None)
+        if tok is None or not os.path.isdir(tok):
+            raise ConfigError(f"data.tokenizer={tok} is not a directory; give a Hugging Face tokenizer "
+                              f"directory (or model.load of a converted checkpoint, whose hf/ folder has one)")
     resume = cfg.train.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         raise ConfigError(f"train.resume={resume} does not exist; use auto, none or a checkpoint directory")

@@ -135,7 +135,17 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """Where sequences come from; only "synthetic" for now."""
+    """Where sequences come from: "synthetic" (generated), or "files" (``data.path``)."""
+    path: str | list | None = None
+    """Training data: a file, a glob or a list of them (JSON, JSONL, parquet)."""
+    format: str = "auto"
+    """Record format: "auto", "alpaca", "sharegpt", "messages" (OpenAI style) or "preference"."""
+    tokenizer: str | None = None
+    """Directory of a Hugging Face tokenizer (with a chat template); None = the checkpoint's hf/ folder."""
+    skip_bad_records: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first one."""
+    overflow: str = "error"
+    """A sample longer than seq_len: "error", "truncate" or "drop" (counted)."""
     seq_len: int = 256
     """Tokens per packed sequence (LLaMA-Factory: cutoff_len)."""
     min_doc_len: int = 8
