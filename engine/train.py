@@ -7,6 +7,7 @@ and the step alone, so every mesh trains on the same data.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -53,8 +54,15 @@ def build_dataset(cfg):
     d = cfg.data
     if d.source == "synthetic":
         return SyntheticSequences(cfg.model.vocab_size, d.seq_len, d.min_doc_len, d.max_doc_len, cfg.train.seed)
-    from engine.data.sft import SFTDataset
+    from engine.data.sft import PreferenceDataset, SFTDataset
 
+    if cfg.recipe == "dpo":  # one pair per sequence: chosen and rejected, each at most half of it
+        from engine.recipes.dpo import PairSequences
+
+        fmt = "auto" if d.format in ("auto", "preference") else {"messages": "openai"}.get(d.format, d.format)
+        pairs = PreferenceDataset(d.path, load_tokenizer(cfg), d.seq_len // 2, cfg.train.seed, format=fmt,
+                                  skip_bad_records=d.skip_bad_records, overflow=d.overflow)
+        return PairSequences(pairs, d.seq_len)
     if d.format == "preference":
         raise ValueError("data.format=preference is DPO data; SFT needs alpaca, sharegpt or messages records")
     fmt = {"messages": "openai"}.get(d.format, d.format)
@@ -142,10 +150,27 @@ def finish(model, opt, mesh, cfg) -> None:
             print(f"exported Hugging Face model to {ck.export_hf}", flush=True)
 
 
+def dpo_forward_backward(model, reference, micro_batches, mesh, cfg) -> tuple[float, int, dict]:
+    """DPO step: reference log-probs through the frozen model first (forward only), then the
+    policy's forward/backward with the DPO loss on the last stage."""
+    from engine.recipes.dpo import DPOLoss, compute_reference
+
+    compute_reference(PipelineRuntime(list(reference), mesh), micro_batches)
+    loss_fn = DPOLoss(cfg, cfg.train.global_batch_size)
+    runtime = PipelineRuntime(list(model), mesh, cfg.parallel.pp_schedule)
+    total = runtime.run([[mb] for mb in micro_batches], None, loss_fn)
+    all_reduce_(total, mesh.group("pp"))
+    all_reduce_(total, mesh.group("dp"))  # cp ranks hold the same (already cp-reduced) loss
+    return float(total), cfg.train.global_batch_size, loss_fn.reduce_metrics(mesh)
+
+
 def train(cfg, mesh) -> list[dict]:
     """Run ``cfg.train.steps`` optimizer steps; returns the metrics rows (on every rank)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, mesh)
+    reference = None
+    if cfg.recipe == "dpo":  # the frozen reference: the policy's starting weights
+        reference = build_model(cfg, mesh).requires_grad_(False).eval()
     opt = MeshOptimizer(model, cfg.optim, mesh, cfg.train.steps)
     dataset = build_dataset(cfg)
     first_step = 0
@@ -160,10 +185,17 @@ def train(cfg, mesh) -> list[dict]:
     ck = cfg.checkpoint
     for step in range(first_step, cfg.train.steps):
         t0 = time.perf_counter()
-        loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh, cfg.parallel)
+        extra = {}
+        if cfg.recipe == "dpo":
+            from engine.recipes.dpo import dpo_micro_batches
+
+            loss, num_tokens, extra = dpo_forward_backward(model, reference, dpo_micro_batches(dataset, step, cfg, mesh),
+                                                           mesh, cfg)
+        else:
+            loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh, cfg.parallel)
         stats = opt.step()
         dt = time.perf_counter() - t0
-        row = {"step": step, "loss": loss, **stats, "num_tokens": num_tokens,
+        row = {"step": step, "loss": loss, **stats, **extra, "num_tokens": num_tokens,
                "time_s": dt, "tokens_per_s": num_tokens / dt}
         rows.append(row)
         log.log(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)

@@ -2,7 +2,6 @@
 metrics.jsonl (fresh and resumed), console modes, loss-curve PNGs."""
 import glob
 import importlib.util
-import json
 import os
 import socket
 import struct

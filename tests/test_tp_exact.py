@@ -48,18 +48,25 @@ def make_cfg(overrides, world):
 
 
 def run_steps(cfg, mesh):
-    """Losses, grad norms, step-0 gradients and final weights, all canonical (unsharded)."""
+    """Losses, grad norms, step-0 gradients and final weights, all canonical (unsharded).
+    Runs the configured recipe (SFT token loss, or DPO with its frozen reference)."""
     from engine.model.gpt import canonical_tensors
     from engine.optim import MeshOptimizer
-    from engine.train import build_dataset, build_model, forward_backward, rank_micro_batches
+    from engine.train import build_dataset, build_model, dpo_forward_backward, forward_backward, rank_micro_batches
 
     model = build_model(cfg, mesh)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = MeshOptimizer(model, cfg.optim, mesh, STEPS)
     data = build_dataset(cfg)
+    reference = build_model(cfg, mesh).requires_grad_(False) if cfg.recipe == "dpo" else None
     out = {"loss": [], "norm": []}
     for step in range(STEPS):
-        loss, _ = forward_backward(model, rank_micro_batches(data, step, cfg, mesh), mesh, cfg.parallel)
+        if reference is not None:
+            from engine.recipes.dpo import dpo_micro_batches
+
+            loss, _, _ = dpo_forward_backward(model, reference, dpo_micro_batches(data, step, cfg, mesh), mesh, cfg)
+        else:
+            loss, _ = forward_backward(model, rank_micro_batches(data, step, cfg, mesh), mesh, cfg.parallel)
         grads, norm = opt.reduce_and_clip()
         if step == 0:
             out["grads"] = canonical_tensors(model, dict(zip(names, [g.clone() for g in grads])))

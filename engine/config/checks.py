@@ -12,7 +12,7 @@ _AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size
 _POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std", "optim.lr",
              "optim.eps", "dist.timeout_s")
 _NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad")
-_CHOICES = {"model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
+_CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge"), "model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
             "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference"),
             "data.overflow": ("error", "truncate", "drop"),
             "parallel.placement": ("head-first", "context-first"),
@@ -38,6 +38,8 @@ def validate(cfg: Config, world_size: int) -> Config:
 
 def _check_values(cfg: Config) -> None:
     def value(key):
+        if "." not in key:
+            return getattr(cfg, key)
         section, name = key.split(".")
         return getattr(getattr(cfg, section), name)
 
@@ -182,6 +184,10 @@ def _check_paths(cfg: Config) -> None:
     if cfg.model.load is not None and not os.path.isdir(cfg.model.load):
         raise ConfigError(f"model.load={cfg.model.load} does not exist; give a Megatron checkpoint directory "
                           f"(convert a Hugging Face model with meshtron-convert hf-to-megatron)")
+    if cfg.recipe == "dpo" and cfg.data.source != "files":
+        raise ConfigError("recipe=dpo needs preference records: set data.source=files and data.path")
+    if cfg.recipe == "dpo" and cfg.parallel.pp_schedule == "seq1f1b":
+        raise ConfigError("recipe=dpo with parallel.pp_schedule=seq1f1b is not supported; use 1f1b or interleaved")
     if cfg.data.source == "files":
         import glob
 

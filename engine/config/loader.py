@@ -141,6 +141,9 @@ def _build(raw: dict) -> Config:
     for name, values in raw.items():
         if name not in sections:
             raise _unknown_key(str(name))
+        if not dataclasses.is_dataclass(sections[name]):  # a top-level setting such as `recipe`
+            built[name] = _coerce(name, values, sections[name])
+            continue
         if not isinstance(values, dict | None):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {values!r}")
         annotations = {f.name: f.type for f in fields(sections[name])}
@@ -171,7 +174,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 def _unknown_key(key: str) -> ConfigError:
     sections = [f.name for f in fields(Config)]
-    dotted = [f"{s.name}.{f.name}" for s in fields(Config) for f in fields(s.type)]
+    dotted = [f"{s.name}.{f.name}" for s in fields(Config) if dataclasses.is_dataclass(s.type)
+              for f in fields(s.type)]
     section, _, leaf = key.rpartition(".")
     # A field name put in the wrong section (or in none) points at its real section; a typo is
     # matched against the names of its own section first, then against every name.

@@ -177,7 +177,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1
+    """Strength of the KL anchor to the reference model."""
+    loss_type: str = "sigmoid"
+    """"sigmoid" (with label_smoothing), "ipo" or "hinge"."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the assumed probability that a preference label is flipped (sigmoid only)."""
+    sft_weight: float = 0.0
+    """Weight of an added SFT term on the chosen responses (mean token NLL)."""
+
+
+@dataclass
 class Config:
+    recipe: str = "sft"
+    """What to train: "sft" (token cross-entropy on the responses) or "dpo" (preference pairs)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -192,6 +206,8 @@ class Config:
     """torch.distributed settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Saving, loading and exporting weights."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO loss (recipe: dpo)."""
 
 
 # Keys of other tools (LLaMA-Factory) accepted at the top level of the YAML and as overrides

@@ -64,9 +64,10 @@ class PipelineRuntime:
             req.wait()
         return out if self._stage(self.vpp - 1) == last else None
 
-    def run(self, units: list[list], num_valid: torch.Tensor) -> torch.Tensor:
+    def run(self, units: list[list], num_valid: torch.Tensor | None, loss_fn=None) -> torch.Tensor:
         """Forward and backward of every unit ``units[mb][j]``; loss of each = Σ token losses /
-        ``num_valid`` (I-5). Returns the summed loss of this rank (non-zero on the last stage)."""
+        ``num_valid`` (I-5), or ``loss_fn(chunk, unit, hidden)`` (a recipe's, e.g. DPO). Returns
+        the summed loss of this rank (non-zero on the last stage)."""
         self._pending, store, total = [], {}, torch.zeros((), dtype=torch.float64, device=self.mesh.device)
         last = self.pp * self.vpp - 1
         dtype = next(self.chunks[0].parameters()).dtype
@@ -81,7 +82,8 @@ class PipelineRuntime:
                                    self.prev, self._tag(mb, stage, j, False)).requires_grad_(True)
                 t1 = time.perf_counter()
                 if stage == last:
-                    out = token_loss_sum(self.chunks[c], batch, x) / num_valid.to(torch.float32)
+                    out = (loss_fn(self.chunks[c], batch, x) if loss_fn is not None else
+                           token_loss_sum(self.chunks[c], batch, x) / num_valid.to(torch.float32))
                     total += out.detach().double()
                 else:
                     out = self.chunks[c](batch, x)
