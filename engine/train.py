@@ -145,7 +145,8 @@ def finish(model, opt, mesh, cfg) -> None:
         if where:
             print(f"saved checkpoint {where}", flush=True)
     if ck.export_hf:
-        export_hf(model, mesh, ck.export_hf)
+        tokenizer = cfg.data.tokenizer or (os.path.join(cfg.model.load, "hf") if cfg.model.load else None)
+        export_hf(model, mesh, ck.export_hf, tokenizer_from=tokenizer)
         if mesh.rank == 0:
             print(f"exported Hugging Face model to {ck.export_hf}", flush=True)
 
@@ -196,7 +197,9 @@ def train(cfg, mesh) -> list[dict]:
         stats = opt.step()
         dt = time.perf_counter() - t0
         row = {"step": step, "loss": loss, **stats, **extra, "num_tokens": num_tokens,
-               "time_s": dt, "tokens_per_s": num_tokens / dt}
+               "time_s": dt,
+               # throughput counts every token of the step's sequences (loss tokens are num_tokens)
+               "tokens_per_s": cfg.train.global_batch_size * cfg.data.seq_len / dt}
         rows.append(row)
         log.log(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
         if ck.every and (step + 1) % ck.every == 0 and step + 1 < cfg.train.steps:
