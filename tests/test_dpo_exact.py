@@ -1,5 +1,5 @@
 """DPO is mesh-exact (I-5): loss, gradients and weights equal the single-process run under tp=2,
-cp=2 (ring, Ulysses), pp=2 and dp=2; the step-0 loss with policy = reference is ln 2; and the loss
+cp=2 (ring, Ulysses), hybrid cp=4, pp=2 and dp=2; the step-0 loss with policy = reference is ln 2; and the loss
 equals the closed-form formula evaluated from independently computed full-sequence log-probs."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny"
 DPO = ["recipe=dpo", "data.source=files", f"data.path={DATA / 'dpo.jsonl'}", f"data.tokenizer={DATA / 'tokenizer'}",
        "data.format=preference", "data.seq_len=256", "train.micro_batch_size=2", "dpo.beta=0.5"]
 MESHES = [["parallel.tp=2", "parallel.cp=2"], ["parallel.cp=2", "parallel.sp_mode=ulysses", "parallel.dp=2"],
-          ["parallel.pp=2", "parallel.dp=2"], ["parallel.pp=2", "parallel.tp=2"]]
+          ["parallel.pp=2", "parallel.dp=2"], ["parallel.pp=2", "parallel.tp=2"],
+          ["parallel.cp=4", "parallel.sp_mode=hybrid", "parallel.hp=2"]]
 
 
 def test_dpo_mesh_exact():
