@@ -61,22 +61,14 @@ def load_weights(model, path: str) -> None:
 
 
 def _full_state(model, mesh) -> dict | None:
-    """The whole canonical state on global rank 0 (None elsewhere): gathered over tp, then the
-    pipeline stages' pieces sent to rank 0 (dp and cp replicas are identical)."""
-    full = canonical_tensors(model, {n: p.detach() for n, p in model.named_parameters()})
-    parts = gather_objects(full, mesh.group("pp"), mesh.ranks("pp")[0])
-    if mesh.rank != 0:
-        return None
-    merged = {}
-    for part in parts:
-        for k, v in part.items():
-            merged.setdefault(k, v)
-    return merged
+    """The whole canonical weights on global rank 0 (None elsewhere)."""
+    return gather_canonical(model, mesh, {n: p.detach() for n, p in model.named_parameters()})
 
 
 def gather_canonical(model, mesh, local: dict) -> dict | None:
     """Canonical (unsharded) tensors of any per-parameter state keyed by local parameter names
-    (optimizer moments, fp32 masters), assembled on global rank 0."""
+    (weights, optimizer moments, fp32 masters), assembled on global rank 0: gathered over tp, then
+    the pipeline stages' pieces sent to rank 0 (dp and cp replicas are identical)."""
     full = canonical_tensors(model, local)
     parts = gather_objects(full, mesh.group("pp"), mesh.ranks("pp")[0])
     if mesh.rank != 0:
