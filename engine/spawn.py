@@ -44,6 +44,7 @@ def _worker(rank, world, port, outdir, fn, args):
         os._exit(1)  # do not wait on collectives the failed rank will never join
     dist.barrier()  # no rank tears down its gloo pairs while a peer still finishes p2p
     dist.destroy_process_group()
+    os._exit(0)  # skip C++ teardown, which can abort on a still-joinable gloo thread (see engine/cli.py)
 
 
 def run_world(world: int, fn, *args, timeout: float = 600.0) -> list:
