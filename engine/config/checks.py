@@ -16,7 +16,9 @@ _CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge
             "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference"),
             "data.overflow": ("error", "truncate", "drop"),
             "parallel.placement": ("head-first", "context-first"),
-            "parallel.sp_mode": ("ring", "ulysses", "hybrid"),
+            "parallel.sp_mode": ("ring", "ulysses", "hybrid", "flexsp"),
+            "train.recompute": ("none", "full", "selective", "attention-cached"),
+            "optim.sharding": ("none", "zero1", "fsdp2"), "flexsp.solver": ("milp", "greedy"),
             "parallel.pp_schedule": ("1f1b", "interleaved", "seq1f1b"),
             "parallel.seq_partition": ("uniform", "compute"),
             "dist.backend": ("auto", "gloo", "nccl")}
@@ -81,6 +83,14 @@ def _resolve_sp_mode(p: ParallelConfig) -> ParallelConfig:
             raise ConfigError(f"parallel.sp_mode=ulysses uses hp=cp={p.cp} but parallel.hp={p.hp}; "
                               f"use parallel.sp_mode=hybrid for hp x ring, or drop parallel.hp")
         hp = p.cp
+    elif p.sp_mode == "flexsp":  # hp: the largest Ulysses degree of a group (the rest is ring)
+        if p.pp > 1:
+            raise ConfigError(f"parallel.sp_mode=flexsp runs without pipeline stages; got parallel.pp={p.pp}, "
+                              f"use pp=1 (or another sp_mode)")
+        if p.cp < 2 or p.cp & (p.cp - 1) or p.hp & (p.hp - 1):
+            raise ConfigError(f"parallel.sp_mode=flexsp needs parallel.cp a power of two >= 2 and parallel.hp "
+                              f"a power of two (got cp={p.cp}, hp={p.hp}): groups have sizes 2^i")
+        hp = p.hp
     else:
         if p.cp > 1 and not 1 < p.hp < p.cp:
             valid = [h for h in _divisors(p.cp) if 1 < h < p.cp]

@@ -93,6 +93,12 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
+    sharding: str = "none"
+    """Optimizer-state sharding over dp×cp: "none", "zero1" (distributed optimizer: each rank keeps
+    and updates its shard of the fp32 master weights and Adam moments) or "fsdp2" (torch's
+    ``fully_shard`` of parameters, gradients and optimizer states)."""
+    offload: bool = False
+    """Keep the optimizer states (and fp32 master weights) in CPU memory (with sharding: zero1)."""
     lr: float = 1e-3
     """Peak learning rate, reached after warmup."""
     min_lr: float = 1e-4
@@ -127,6 +133,10 @@ class TrainConfig:
     """bf16 parameters and activations with fp32 master weights."""
     log_interval: int = 1
     """Log metrics every this many steps."""
+    recompute: str = "none"
+    """Activation checkpointing: "none", "full" (recompute each layer in backward), "selective"
+    (recompute attention's core only) or "attention-cached" (keep attention's output and lse,
+    recompute the rest of the layer: LoongTrain's Selective Checkpoint++)."""
     resume: str = "none"
     """Resume from a checkpoint: "auto" (the latest in checkpoint.dir, if any), a checkpoint
     path, or "none". Restores weights, optimizer, schedule, data position and RNG."""
@@ -147,7 +157,10 @@ class DataConfig:
     overflow: str = "error"
     """A sample longer than seq_len: "error", "truncate" or "drop" (counted)."""
     seq_len: int = 256
-    """Tokens per packed sequence (LLaMA-Factory: cutoff_len)."""
+    """Tokens per packed sequence (LLaMA-Factory: cutoff_len); the longest sequence when pack is false."""
+    pack: bool = True
+    """Pack documents into bins of seq_len tokens; false: every sequence is one document (synthetic:
+    a long-tailed length between min_doc_len and max_doc_len), as sp_mode=flexsp wants."""
     min_doc_len: int = 8
     """Shortest synthetic document, in tokens."""
     max_doc_len: int = 200
@@ -189,6 +202,27 @@ class DPOConfig:
 
 
 @dataclass
+class FlexSPConfig:
+    cost_model: str = "h100"
+    """Constants of the cost model: "a100", "h100" (shipped defaults) or a JSON file written by
+    tools/calibrate_flexsp.py on the machine at hand."""
+    memory_gb: float = 0.0
+    """Memory limit per device in GiB for activations + model states; 0 = the cost model's device memory."""
+    max_tokens_per_rank: int = 0
+    """Hard cap on the tokens one rank holds in a micro-batch; 0 = derived from memory_gb."""
+    buckets: int = 16
+    """Length buckets of the solver (dynamic programming over the sorted lengths)."""
+    solver: str = "milp"
+    """"milp" (scipy HiGHS, greedy fallback on timeout) or "greedy"."""
+    solve_time_s: float = 5.0
+    """Time limit of one MILP solve; past it the best plan so far or the greedy one is used."""
+    gpus_per_node: int = 8
+    """Ranks per node: groups larger than this pay the inter-node bandwidth."""
+    overlap: bool = True
+    """Plan step i+1 on a background thread while step i trains."""
+
+
+@dataclass
 class Config:
     recipe: str = "sft"
     """What to train: "sft" (token cross-entropy on the responses) or "dpo" (preference pairs)."""
@@ -208,6 +242,8 @@ class Config:
     """Saving, loading and exporting weights."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO loss (recipe: dpo)."""
+    flexsp: FlexSPConfig = field(default_factory=FlexSPConfig)
+    """The FlexSP planner (parallel.sp_mode: flexsp)."""
 
 
 # Keys of other tools (LLaMA-Factory) accepted at the top level of the YAML and as overrides
