@@ -16,21 +16,22 @@ from engine.checkpoint import export_hf, load_weights
 from engine.metrics import RunLogger
 from engine.resume import find_resume, load_training_checkpoint, save_training_checkpoint
 from engine.data.packing import PackedBatch, concat
-from engine.data.synthetic import SyntheticSequences
+from engine.data.synthetic import SyntheticDocuments, SyntheticSequences
 from engine.model.gpt import GPTModel, init_canonical
 from engine.model.sharding import stage_layers
 from engine.optim import MeshOptimizer
 from engine.parallel.comm import all_reduce_
 from engine.parallel.context import make_core_attention
-from engine.parallel.context.layout import split_for_cp
+from engine.parallel.context.layout import pad_documents, split_for_cp
 from engine.parallel.pipeline.runtime import PipelineRuntime
 from engine.parallel.pipeline.seqchunks import split_units, split_units_cp
 
 
-def build_model(cfg, mesh) -> torch.nn.ModuleList:
+def build_model(cfg, mesh, core_attention=None) -> torch.nn.ModuleList:
     """This rank's model chunks (one per virtual pipeline stage; one when vpp = 1), initialised
-    identically for every mesh (or loaded from ``model.load``)."""
-    core_attention = make_core_attention(mesh, cfg.parallel.ring_window)
+    identically for every mesh (or loaded from ``model.load``). ``core_attention``: the context
+    attention (default: the mesh's cp mode; FlexSP passes its per-step one)."""
+    core_attention = core_attention or make_core_attention(mesh, cfg.parallel.ring_window)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     p = cfg.parallel
     ranges = stage_layers(cfg.model.num_layers, mesh.pp, p.vpp, p.layers_per_stage)[mesh.index("pp")]
@@ -52,6 +53,8 @@ def build_model(cfg, mesh) -> torch.nn.ModuleList:
 def build_dataset(cfg):
     """Packed sequences of ``data.seq_len`` tokens: generated, or SFT records from files."""
     d = cfg.data
+    if d.source == "synthetic" and not d.pack:
+        return SyntheticDocuments(cfg.model.vocab_size, d.min_doc_len, d.max_doc_len, cfg.train.seed)
     if d.source == "synthetic":
         return SyntheticSequences(cfg.model.vocab_size, d.seq_len, d.min_doc_len, d.max_doc_len, cfg.train.seed)
     from engine.data.sft import PreferenceDataset, SFTDataset
@@ -67,7 +70,7 @@ def build_dataset(cfg):
         raise ValueError("data.format=preference is DPO data; SFT needs alpaca, sharegpt or messages records")
     fmt = {"messages": "openai"}.get(d.format, d.format)
     return SFTDataset(d.path, load_tokenizer(cfg), d.seq_len, cfg.train.seed, format=fmt,
-                      skip_bad_records=d.skip_bad_records, overflow=d.overflow)
+                      skip_bad_records=d.skip_bad_records, overflow=d.overflow, pack=d.pack)
 
 
 def load_tokenizer(cfg):
@@ -103,6 +106,8 @@ def rank_micro_batches(dataset, step: int, cfg, mesh) -> list:
         return out
     if mesh.cp > 1:
         full = [split_for_cp(mb, **where) for mb in full]
+    elif mesh.tp > 1:  # unpacked sequences: a padding document makes the tokens split over tp
+        full = [pad_documents(mb, 1, mesh.tp) if mb.num_tokens % mesh.tp else mb for mb in full]
     return [mb.to(mesh.device) for mb in full]
 
 
@@ -137,6 +142,16 @@ def unit_lengths(num_tokens: int, k: int, model_cfg, multiple: int, partition: s
                              vocab=m.vocab_size)
 
 
+def step_tokens(dataset, step: int, cfg) -> int:
+    """Every token of the step's sequences (packed: gbs × seq_len; unpacked: their lengths)."""
+    gbs = cfg.train.global_batch_size
+    if cfg.data.pack:
+        return gbs * cfg.data.seq_len
+    from engine.flexsp.runtime import sequence_length
+
+    return sum(sequence_length(dataset, i) for i in range(step * gbs, (step + 1) * gbs))
+
+
 def finish(model, opt, mesh, cfg) -> None:
     """Final checkpoint and HF export, as configured."""
     ck = cfg.checkpoint
@@ -168,7 +183,12 @@ def dpo_forward_backward(model, reference, micro_batches, mesh, cfg) -> tuple[fl
 def train(cfg, mesh) -> list[dict]:
     """Run ``cfg.train.steps`` optimizer steps; returns the metrics rows (on every rank)."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, mesh)
+    flex = None
+    if cfg.parallel.sp_mode == "flexsp":
+        from engine.flexsp.runtime import FlexSPRuntime
+
+        flex = FlexSPRuntime(cfg, mesh)
+    model = build_model(cfg, mesh, flex.attention if flex else None)
     reference = None
     if cfg.recipe == "dpo":  # the frozen reference: the policy's starting weights
         reference = build_model(cfg, mesh).requires_grad_(False).eval()
@@ -192,6 +212,11 @@ def train(cfg, mesh) -> list[dict]:
 
             loss, num_tokens, extra = dpo_forward_backward(model, reference, dpo_micro_batches(dataset, step, cfg, mesh),
                                                            mesh, cfg)
+        elif flex is not None:
+            plan = flex.plan(dataset, step, cfg.train.steps)
+            loss, num_tokens = flex.forward_backward(model, dataset, step, plan)
+            extra = {"flexsp_micro_batches": len(plan.micro_batches),
+                     "flexsp_groups": [[g.size for g in mb] for mb in plan.micro_batches]}
         else:
             loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh, cfg.parallel)
         stats = opt.step()
@@ -199,12 +224,14 @@ def train(cfg, mesh) -> list[dict]:
         row = {"step": step, "loss": loss, **stats, **extra, "num_tokens": num_tokens,
                "time_s": dt,
                # throughput counts every token of the step's sequences (loss tokens are num_tokens)
-               "tokens_per_s": cfg.train.global_batch_size * cfg.data.seq_len / dt}
+               "tokens_per_s": step_tokens(dataset, step, cfg) / dt}
         rows.append(row)
         log.log(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
         if ck.every and (step + 1) % ck.every == 0 and step + 1 < cfg.train.steps:
             save_training_checkpoint(model, opt, mesh, cfg, step + 1)
     log.close()
+    if flex is not None:
+        flex.close()
     finish(model, opt, mesh, cfg)
     if mesh.rank == 0 and rows:
         elapsed = time.perf_counter() - start

@@ -47,14 +47,20 @@ def make_cfg(overrides, world):
     return validate(load_config(None, BASE + overrides), world)
 
 
-def run_steps(cfg, mesh):
+def run_steps(cfg, mesh, plan_fn=None):
     """Losses, grad norms, step-0 gradients and final weights, all canonical (unsharded).
-    Runs the configured recipe (SFT token loss, or DPO with its frozen reference)."""
+    Runs the configured recipe (SFT token loss, or DPO with its frozen reference); under
+    sp_mode=flexsp the planner's plans, or ``plan_fn(step)``'s."""
     from engine.model.gpt import canonical_tensors
     from engine.optim import MeshOptimizer
     from engine.train import build_dataset, build_model, dpo_forward_backward, forward_backward, rank_micro_batches
 
-    model = build_model(cfg, mesh)
+    flex = None
+    if cfg.parallel.sp_mode == "flexsp":
+        from engine.flexsp.runtime import FlexSPRuntime
+
+        flex = FlexSPRuntime(cfg, mesh, plan_fn)
+    model = build_model(cfg, mesh, flex.attention if flex else None)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = MeshOptimizer(model, cfg.optim, mesh, STEPS)
     data = build_dataset(cfg)
@@ -65,6 +71,8 @@ def run_steps(cfg, mesh):
             from engine.recipes.dpo import dpo_micro_batches
 
             loss, _, _ = dpo_forward_backward(model, reference, dpo_micro_batches(data, step, cfg, mesh), mesh, cfg)
+        elif flex is not None:
+            loss, _ = flex.forward_backward(model, data, step, flex.plan(data, step, STEPS))
         else:
             loss, _ = forward_backward(model, rank_micro_batches(data, step, cfg, mesh), mesh, cfg.parallel)
         grads, norm = opt.reduce_and_clip()

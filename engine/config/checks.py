@@ -87,9 +87,9 @@ def _resolve_sp_mode(p: ParallelConfig) -> ParallelConfig:
         if p.pp > 1:
             raise ConfigError(f"parallel.sp_mode=flexsp runs without pipeline stages; got parallel.pp={p.pp}, "
                               f"use pp=1 (or another sp_mode)")
-        if p.cp < 2 or p.cp & (p.cp - 1) or p.hp & (p.hp - 1):
-            raise ConfigError(f"parallel.sp_mode=flexsp needs parallel.cp a power of two >= 2 and parallel.hp "
-                              f"a power of two (got cp={p.cp}, hp={p.hp}): groups have sizes 2^i")
+        if p.cp & (p.cp - 1) or p.hp & (p.hp - 1):
+            raise ConfigError(f"parallel.sp_mode=flexsp needs parallel.cp and parallel.hp powers of two "
+                              f"(got cp={p.cp}, hp={p.hp}): groups have sizes 2^i")
         hp = p.hp
     else:
         if p.cp > 1 and not 1 < p.hp < p.cp:
@@ -226,9 +226,30 @@ def _check_batch_and_data(cfg: Config, dp: int) -> None:
                           f"{_list(_near_multiples(t.global_batch_size, per_step))}")
     if d.seq_len < 2:
         raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
-    # cp cuts every sequence into 2*cp zigzag chunks, then tp's sequence parallelism splits them.
+    # cp cuts every sequence into 2*cp zigzag chunks, then tp's sequence parallelism splits them
+    # (unpacked sequences are padded per document instead).
     unit, why = (2 * p.cp * p.tp, f"2*cp*tp = 2*{p.cp}*{p.tp} = ") if p.cp > 1 else (p.tp, "tp=")
-    if d.seq_len % unit:
+    if not d.pack and d.source == "synthetic" and d.max_doc_len > d.seq_len:
+        raise ConfigError(f"data.pack=false: data.max_doc_len={d.max_doc_len} is the longest sequence and must "
+                          f"be <= data.seq_len={d.seq_len}; raise seq_len or lower max_doc_len")
+    if not d.pack and p.pp_schedule == "seq1f1b":
+        raise ConfigError("parallel.pp_schedule=seq1f1b cuts packed sequences of data.seq_len tokens; "
+                          "set data.pack=true")
+    if p.sp_mode == "flexsp":
+        if cfg.recipe != "sft":
+            raise ConfigError(f"parallel.sp_mode=flexsp supports recipe=sft; got recipe={cfg.recipe}")
+        if p.ring_window:
+            raise ConfigError(f"parallel.ring_window={p.ring_window} is not supported with parallel.sp_mode=flexsp "
+                              f"(its groups change size every step); use ring_window=0")
+        if (dp * p.cp) & (dp * p.cp - 1):
+            raise ConfigError(f"parallel.sp_mode=flexsp pools the dp*cp = {dp}*{p.cp} ranks into groups of sizes "
+                              f"2^i; dp*cp must be a power of two (change parallel.dp or the world size)")
+        f = cfg.flexsp
+        if f.buckets < 1 or f.solve_time_s <= 0 or f.gpus_per_node < 1 or f.memory_gb < 0 or f.max_tokens_per_rank < 0:
+            raise ConfigError(f"flexsp: buckets={f.buckets} and gpus_per_node={f.gpus_per_node} must be >= 1, "
+                              f"solve_time_s={f.solve_time_s} > 0, memory_gb={f.memory_gb} and "
+                              f"max_tokens_per_rank={f.max_tokens_per_rank} >= 0")
+    elif d.pack and d.seq_len % unit:
         raise ConfigError(f"data.seq_len={d.seq_len} is not divisible by {why}{unit}; use "
                           f"data.seq_len={_list(_near_multiples(d.seq_len, unit))}")
     if min(d.min_doc_len, d.max_doc_len) < 2 or d.min_doc_len > d.max_doc_len:

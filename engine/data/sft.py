@@ -128,11 +128,13 @@ class _RecordIndex:
 
 
 class SFTDataset(_RecordIndex):
-    """Packed SFT sequences of exactly ``cutoff_len`` tokens; ``sequence(i)`` for global index i."""
+    """Packed SFT sequences of exactly ``cutoff_len`` tokens; ``sequence(i)`` for global index i.
+    With ``pack=False`` every sequence is one record (shuffled per epoch), unpadded."""
 
     def __init__(self, paths, tokenizer, cutoff_len: int, seed: int, format: str = "auto",
-                 skip_bad_records: bool = False, overflow: str = "error"):
+                 skip_bad_records: bool = False, overflow: str = "error", pack: bool = True):
         super().__init__("sft", paths, tokenizer, cutoff_len, seed, format, skip_bad_records, overflow)
+        self.pack = pack
         self._epoch: tuple[int, list[list[int]]] | None = None
         self.sequences_per_epoch = len(self.bins(0))
 
@@ -141,6 +143,9 @@ class SFTDataset(_RecordIndex):
         if self._epoch is None or self._epoch[0] != epoch:
             gen = _generator(self.seed, epoch)
             perm = torch.randperm(self.num_records, generator=gen)
+            if not self.pack:
+                self._epoch = (epoch, [[r] for r in perm.tolist()])
+                return self._epoch[1]
             lengths = torch.as_tensor(self.lengths, dtype=torch.long)
             order = perm[torch.argsort(-lengths[perm], stable=True)].tolist()
             rank = torch.empty_like(perm)
@@ -157,7 +162,14 @@ class SFTDataset(_RecordIndex):
         bins = self.bins(epoch)
         assert len(bins) == self.sequences_per_epoch  # FFD bin count depends only on the lengths
         docs = [document_arrays(ids, mask)[:2] for ids, mask in self.load(bins[k])]
-        return pack(docs, pad_to=self.cutoff_len)
+        return pack(docs, pad_to=self.cutoff_len if self.pack else None)
+
+    def length(self, index: int) -> int:
+        """Tokens of sequence ``index`` without reading it."""
+        if self.pack:
+            return self.cutoff_len
+        epoch, k = divmod(index, self.sequences_per_epoch)
+        return sum(self.lengths[r] for r in self.bins(epoch)[k])
 
 
 class PreferenceDataset(_RecordIndex):

@@ -37,3 +37,27 @@ class SyntheticSequences:
         toks = (start + step * torch.arange(n)) % v + 1
         flip = torch.rand(n, generator=gen) < self.noise
         return torch.where(flip, torch.randint(1, v + 1, (n,), generator=gen), toks)
+
+
+class SyntheticDocuments(SyntheticSequences):
+    """Unpacked sequences (``data.pack: false``): sequence ``i`` is one document whose length has a
+    long tail between ``min_doc_len`` and ``max_doc_len``: ``min · (max/min)^(u³)`` for u uniform,
+    so the median is ``min · (max/min)^(1/8)`` while a few sequences reach ``max`` (over two
+    orders of magnitude the median is ~1.8·min and 10 % of the sequences are longer than
+    ~0.03·max yet hold most of the tokens) — the shape FlexSP is for."""
+
+    def __init__(self, vocab_size: int, min_doc_len: int, max_doc_len: int, seed: int, noise: float = 0.1):
+        super().__init__(vocab_size, max_doc_len, min_doc_len, max_doc_len, seed, noise)
+
+    def length(self, index: int) -> int:
+        return self._length(torch.Generator().manual_seed(self.seed * 1_000_003 + index))
+
+    def _length(self, gen: torch.Generator) -> int:
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        ratio = self.max_doc_len / self.min_doc_len
+        return min(self.max_doc_len, max(self.min_doc_len, round(self.min_doc_len * ratio ** (u ** 3))))
+
+    def sequence(self, index: int) -> PackedBatch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        n = self._length(gen)
+        return pack([document_arrays(self._document(n, gen).tolist())[:2]])

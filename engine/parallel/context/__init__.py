@@ -20,21 +20,28 @@ def make_core_attention(mesh, ring_window: int = 0):
     """The core attention of this rank's mesh position (None when cp = 1: the model's default)."""
     if mesh.cp == 1:
         return None
-    hp, hp_group, hp_index = mesh.hp, mesh.group("hp"), mesh.index("hp")
     # rp = 1 (Ulysses) is a ring of one rank: only its local causal step runs
     ring = DoubleRing(mesh.group("rp"), mesh.ranks("rp"), mesh.index("rp"), ring_window)
+    return CoreAttention(mesh.hp, mesh.group("hp"), mesh.index("hp"), ring)
 
-    def core_attention(q, k, v, batch, prefix=None):
-        q = seq_to_heads(q, hp_group, hp)
-        k = seq_to_heads(kv_for_heads(k, hp), hp_group, hp)
-        v = seq_to_heads(kv_for_heads(v, hp), hp_group, hp)
+
+class CoreAttention:
+    """hp-way Ulysses around a (double) ring over the rp ranks: the 2D attention of one SP group
+    (the mesh's cp group, or one of FlexSP's per-step groups)."""
+
+    def __init__(self, hp: int, hp_group, hp_index: int, ring: DoubleRing):
+        self.hp, self.hp_group, self.hp_index, self.ring = hp, hp_group, hp_index, ring
+
+    def __call__(self, q, k, v, batch, prefix=None):
+        hp, group = self.hp, self.hp_group
+        q = seq_to_heads(q, group, hp)
+        k = seq_to_heads(kv_for_heads(k, hp), group, hp)
+        v = seq_to_heads(kv_for_heads(v, hp), group, hp)
         if prefix is not None and hp > 1:  # this hp rank's KV heads of the (all-token) prefix
             k_pre, v_pre, cu = prefix
-            k_pre, v_pre = (_head_slice(kv_for_heads(t, hp), hp, hp_index) for t in (k_pre, v_pre))
+            k_pre, v_pre = (_head_slice(kv_for_heads(t, hp), hp, self.hp_index) for t in (k_pre, v_pre))
             prefix = (k_pre, v_pre, cu)
-        return heads_to_seq(ring_attention(q, k, v, batch.meta, ring, prefix=prefix), hp_group, hp)
-
-    return core_attention
+        return heads_to_seq(ring_attention(q, k, v, batch.meta, self.ring, prefix=prefix), group, hp)
 
 
 def _head_slice(kv_TGD, hp: int, index: int):
