@@ -2,8 +2,10 @@
 
 The config is loaded and validated against the world size before any process group exists, so a
 bad config fails at once on every rank with one message (printed by rank 0) and exit code 2.
-After that, a rank that fails prints its traceback and exits non-zero at once without waiting on
-collectives; torchrun then stops the others, and ``dist.timeout_s`` bounds any straggler.
+After that, a rank that fails prints its traceback, tells the others through the rendezvous store
+and exits non-zero at once without waiting on collectives; the others leave within
+``dist.abort_poll_s`` (engine.watchdog), with or without torchrun; ``dist.timeout_s`` bounds the
+wait for a peer that vanished without a word.
 """
 from __future__ import annotations
 
@@ -64,13 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"meshtron-train: error: {e}", file=sys.stderr)
         return 2
+    watchdog = None
     try:
         from engine.train import train
+        from engine.watchdog import Watchdog
 
         mesh = init_mesh(cfg)
+        watchdog = Watchdog(rank, cfg.dist.abort_poll_s).start()
         train(cfg, mesh)
-    except BaseException:  # noqa: BLE001 - any failure must end this rank now, not hang the others
-        print(f"meshtron-train: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    except BaseException as e:  # noqa: BLE001 - any failure must end this rank now, not hang the others
+        from engine.watchdog import last_line
+
+        if watchdog is None or watchdog.report(last_line(e)):  # the first failure: print it
+            print(f"meshtron-train: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        else:  # a consequence of another rank's failure, which that rank prints
+            print(f"meshtron-train: rank {rank} stopping: {watchdog.failed_peer()} "
+                  f"(its error is printed by that rank)", file=sys.stderr, flush=True)
+        if watchdog is not None:
+            watchdog.leave(1)
         sys.stderr.flush()
         os._exit(1)
     import torch.distributed as dist
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         # every rank reaches the barrier before any tears its connections down (gloo aborts a
         # peer whose pairs close while it is still finishing its last p2p exchange)
         dist.barrier()
+        watchdog.stop()
         dist.destroy_process_group()
         # leave without running C++ static destructors: with gloo, a background thread still
         # joinable at interpreter teardown intermittently aborts the process ("terminate called

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from engine import faults
 from engine.checkpoint import export_hf, load_weights
 from engine.metrics import RunLogger
 from engine.resume import find_resume, load_training_checkpoint, save_training_checkpoint
@@ -206,6 +207,7 @@ def train(cfg, mesh) -> list[dict]:
     ck = cfg.checkpoint
     for step in range(first_step, cfg.train.steps):
         t0 = time.perf_counter()
+        faults.at_step_start(step, mesh.rank)
         extra = {}
         if cfg.recipe == "dpo":
             from engine.recipes.dpo import dpo_micro_batches

@@ -10,7 +10,7 @@ _AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size
                  "parallel.tp", "parallel.pp", "parallel.cp", "parallel.hp", "train.steps",
                  "train.global_batch_size", "train.micro_batch_size", "train.log_interval")
 _POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std", "optim.lr",
-             "optim.eps", "dist.timeout_s")
+             "optim.eps", "dist.timeout_s", "dist.abort_poll_s")
 _NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad")
 _CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge"), "model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
             "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference"),
@@ -34,6 +34,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     dp = _resolve_dp(cfg.parallel, world_size)
     _check_batch_and_data(cfg, dp)
     _check_pipeline(cfg, dp)
+    _check_optim(cfg)
     _check_paths(cfg)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
 
@@ -185,6 +186,22 @@ def _check_pipeline(cfg: Config, dp: int) -> None:
     elif m.num_layers % stages and (stages < 3 or m.num_layers < stages):
         raise ConfigError(f"model.num_layers={m.num_layers} cannot be split over pp*vpp = {stages} "
                           f"stages; set parallel.layers_per_stage")
+
+
+def _check_optim(cfg: Config) -> None:
+    """Sharded optimizer states: the combinations that are not implemented."""
+    o = cfg.optim
+    if o.offload and o.sharding != "zero1":
+        raise ConfigError(f"optim.offload=true needs optim.sharding=zero1 (got {o.sharding!r}): the ZeRO-1 "
+                          f"optimizer is what keeps the optimizer states in CPU memory")
+    if o.sharding == "fsdp2" and cfg.train.bf16 and cfg.parallel.pp > 1:
+        raise ConfigError("optim.sharding=fsdp2 with train.bf16=true keeps fp32 parameter shards (the masters), "
+                          "but pipeline stages size their bf16 activation buffers from the parameter dtype; "
+                          "use parallel.pp=1 or optim.sharding=zero1")
+    if o.sharding == "fsdp2" and cfg.checkpoint.export_hf:
+        raise ConfigError("checkpoint.export_hf with optim.sharding=fsdp2 is not supported yet (the export "
+                          "must run inside MeshOptimizer.full_weights()); use optim.sharding=zero1, or export "
+                          "the final checkpoint with meshtron-convert")
 
 
 def _check_paths(cfg: Config) -> None:

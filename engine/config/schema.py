@@ -172,7 +172,10 @@ class DistConfig:
     backend: str = "auto"
     """Process-group backend: "auto" (nccl when CUDA is available, else gloo), "gloo" or "nccl"."""
     timeout_s: float = 300.0
-    """Collective timeout in seconds; a dead rank ends the run after this."""
+    """Collective timeout in seconds: the longest any rank waits for a silent (hung or lost) peer."""
+    abort_poll_s: float = 1.0
+    """A rank that fails tells the others through the rendezvous store; they check this often and
+    exit non-zero within about this many seconds of the failure."""
 
 
 @dataclass

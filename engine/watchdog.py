@@ -1,0 +1,106 @@
+"""Fail fast as a world: one rank's failure ends every rank within ``dist.abort_poll_s``.
+
+A rank that fails writes an abort record (its rank and the error's last line) to the world's
+rendezvous store — torchrun's agent store, or the store ``init_process_group`` made — and prints
+its traceback. Every rank runs a daemon thread that polls the store for that record; on seeing it
+a rank prints one line naming the failed rank and leaves with exit code 1 at once, even from
+inside a collective that would otherwise wait for the dead peer until ``dist.timeout_s``.
+
+So the traceback appears once (a rank whose own collective failed *because* a peer died finds
+the record already there and prints the one-line note instead), and no launcher is needed for
+the others to stop: plain ``srun`` or hand-started ranks behave like torchrun. A rank killed
+without a word (SIGKILL, a lost node) writes nothing; its peers then fail in their next
+collective with it (gloo notices the closed connection at once, NCCL at ``dist.timeout_s`` at the
+latest) and that failure takes the same path.
+
+Records are keyed by torchrun's restart count, so a restarted world does not see the abort of
+the attempt before it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+_KEY = "meshtron/abort/{}"
+_STORE_GONE = "the rendezvous store is gone (rank 0 has exited)"
+
+
+def _store():
+    """The default process group's store (the rendezvous store), or None."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store  # stable since torch 1.x
+
+    return _get_default_store()
+
+
+class Watchdog:
+    """Polls the abort record of this attempt; ``report`` writes it."""
+
+    def __init__(self, rank: int, poll_s: float = 1.0, exit=os._exit):
+        self.rank, self.poll_s, self._exit = rank, poll_s, exit
+        self.key = _KEY.format(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.store = _store()
+        # without torchrun's agent, rank 0's process serves the store: it lingers a few polls
+        # before leaving so the others can still read the record
+        hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        self.linger_s = 3 * poll_s + 0.5 if hosts and self.store is not None else 0.0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "Watchdog":
+        if self.store is not None:
+            self._thread = threading.Thread(target=self._watch, name="meshtron-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def failed_peer(self) -> str | None:
+        """The abort record, if some rank has written one (or word that the store is gone: its
+        host, rank 0, has exited, so the world is ending)."""
+        if self.store is None:
+            return None
+        try:
+            if self.store.check([self.key]):
+                return self.store.get(self.key).decode(errors="replace")
+        except Exception:  # noqa: BLE001 - the store's host is gone
+            return _STORE_GONE
+        return None
+
+    def report(self, what: str) -> bool:
+        """Record this rank's failure for the others; False when another rank failed first (then
+        this failure is a consequence and the caller should not print its traceback)."""
+        if self.store is None:
+            return True
+        try:
+            first = self.store.compare_set(self.key, "", f"rank {self.rank}: {what}").decode(errors="replace")
+        except Exception:  # noqa: BLE001 - the store's host has exited: it, or a rank before it, failed first
+            return False
+        return first.startswith(f"rank {self.rank}:")
+
+    def leave(self, code: int) -> None:
+        """Exit now (after the store host's linger), skipping teardown that could wait on peers."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.linger_s:
+            self._stop.set()
+            threading.Event().wait(self.linger_s)
+        self._exit(code)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            record = self.failed_peer()
+            if record is not None and not record.startswith(f"rank {self.rank}:"):
+                print(f"meshtron-train: rank {self.rank} stopping: {record.splitlines()[0]} "
+                      f"(its error is printed by that rank)", file=sys.stderr, flush=True)
+                self.leave(1)
+
+
+def last_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
