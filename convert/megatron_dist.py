@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+from convert.megatron_io import CheckpointError
 from engine.model.sharding import layer_of
 
 MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -233,6 +234,26 @@ def _write_json(path: str, obj: dict) -> None:
 # Load
 
 
+def check_files(path: str, metadata) -> dict[str, list[str]]:
+    """Every shard file the metadata points at exists and holds the bytes it should; returns the
+    files of each key (for messages). A missing or truncated file is named in the error."""
+    files: dict[str, list[str]] = {}
+    need: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        where = os.path.join(path, info.relative_path)
+        need[where] = max(need.get(where, 0), info.offset + info.length)
+        files.setdefault(index.fqn, [])
+        if where not in files[index.fqn]:
+            files[index.fqn].append(where)
+    for where, size in sorted(need.items()):
+        if not os.path.isfile(where):
+            raise CheckpointError(f"{where} is missing: the checkpoint {path} is incomplete (its .metadata lists it)")
+        have = os.path.getsize(where)
+        if have < size:
+            raise CheckpointError(f"{where} is truncated: {have} bytes, the checkpoint's .metadata needs {size}")
+    return files
+
+
 def load_dist(path: str) -> tuple[dict[str, Tensor], dict, dict]:
     """(canonical state dict, model config, meta) of a torch_dist checkpoint directory.
 
@@ -251,7 +272,11 @@ def load_dist(path: str) -> tuple[dict[str, Tensor], dict, dict]:
         info = json.load(f)
     common_path = os.path.join(path, COMMON_FILE)
     common = torch.load(common_path, map_location="cpu", weights_only=False) if os.path.isfile(common_path) else {}
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001 - unpickling a damaged file fails in many ways
+        raise CheckpointError(f"{os.path.join(path, '.metadata')} is damaged ({type(e).__name__}: {e})") from e
+    files = check_files(path, metadata)
     canon: dict[str, Tensor] = {}
     for key, md in metadata.state_dict_metadata.items():
         if not isinstance(md, TensorStorageMetadata) or not key.startswith(_MODEL_PREFIXES):
@@ -259,7 +284,11 @@ def load_dist(path: str) -> tuple[dict[str, Tensor], dict, dict]:
         full = torch.empty(md.size, dtype=md.properties.dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-            dcp.load({key: full}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+            try:
+                dcp.load({key: full}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path}: cannot read {key!r} from {', '.join(files.get(key, ['its shards']))} "
+                                      f"({type(e).__name__}): the file is damaged") from e
         if key.startswith(_STACKED):
             for i in range(full.shape[0]):  # own storage: a view would pin (and pickle) the whole stack
                 canon[canonical_name(key, i)] = full[i].clone()

@@ -11,6 +11,10 @@ import os
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as it should: the message names the file."""
+
+
 def resolve(path: str) -> tuple[str, str]:
     """``(format, directory to read)``: ``torch_dist`` or ``torch`` (legacy)."""
     if not os.path.isdir(path):

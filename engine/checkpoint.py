@@ -13,6 +13,7 @@ import shutil
 
 import torch
 
+from engine import faults
 from engine.model.gpt import canonical_tensors
 from engine.parallel.comm import gather_objects
 from engine.model.sharding import canonical_names
@@ -103,6 +104,7 @@ def save_torch_dist(model, mesh, root: str, iteration: int, extra: dict | None =
     fresh = f"{out}.new"
     shutil.rmtree(fresh, ignore_errors=True)  # a previous save killed midway
     save_dist(full.__getitem__, canonical_names(md), md, fresh, iteration=iteration)
+    faults.in_save(iteration, mesh.rank)
     for name, obj in (extra or {}).items():
         torch.save(obj, os.path.join(fresh, name))
     if os.path.exists(out):  # a rerun into the same directory replaces that iteration

@@ -22,6 +22,15 @@ Run it under torchrun (or tools/launch.sh) for several processes; the product
 dp·pp·tp·cp must equal the number of processes (parallel.dp=-1 takes the rest)."""
 
 
+def _bad_input_errors() -> tuple[type, ...]:
+    """Errors about the user's files (data, checkpoints) whose message is the whole story."""
+    from convert.megatron_io import CheckpointError
+    from engine.config import ConfigError
+    from engine.data.records import DataError
+
+    return (CheckpointError, ConfigError, DataError)
+
+
 def _select_backend(cfg):
     """(backend name, this rank's device): NCCL on CUDA, gloo on CPU, unless dist.backend says."""
     import torch
@@ -44,8 +53,19 @@ def init_mesh(cfg):
 
     backend, device = _select_backend(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's static rendezvous keeps one store across --max-restarts: keys of the
+            # failed attempt (gloo's peer addresses) would meet the new one, so every attempt
+            # gets its own key space
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"meshtron/attempt{attempt}", store),
+                                    rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     p = cfg.parallel
     return ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, order=p.order,
                               placement=p.placement, device=device)
@@ -66,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"meshtron-train: error: {e}", file=sys.stderr)
         return 2
-    watchdog = None
+    watchdog, bad_input = None, _bad_input_errors()
     try:
         from engine.train import train
         from engine.watchdog import Watchdog
@@ -78,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.watchdog import last_line
 
         if watchdog is None or watchdog.report(last_line(e)):  # the first failure: print it
-            print(f"meshtron-train: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            if isinstance(e, bad_input):  # the message says what to fix; a traceback would bury it
+                print(f"meshtron-train: rank {rank}: error: {e}", file=sys.stderr, flush=True)
+            else:
+                print(f"meshtron-train: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         else:  # a consequence of another rank's failure, which that rank prints
             print(f"meshtron-train: rank {rank} stopping: {watchdog.failed_peer()} "
                   f"(its error is printed by that rank)", file=sys.stderr, flush=True)
