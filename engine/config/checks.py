@@ -134,14 +134,14 @@ def _check_model(m: ModelConfig, p: ParallelConfig) -> None:
                              f"num_query_groups={groups})" if groups != heads else ""))
     local_groups = groups // p.tp
     if p.hp > 1 and local_groups % p.hp and p.hp % local_groups:
+        ok = [h for h in _divisors(p.cp) if local_groups % h == 0 or h % local_groups == 0]
         raise ConfigError(f"model.num_query_groups={groups} over tp={p.tp} leaves {local_groups} KV "
-                          f"heads per rank, which neither divides nor is a multiple of hp={p.hp}; use "
-                          f"parallel.hp={_list([h for h in _divisors(p.cp) if local_groups % h == 0 or h % local_groups == 0])}")
+                          f"heads per rank, which neither divides nor is a multiple of hp={p.hp}; "
+                          f"{_hp_advice(p, ok)}")
     if heads % (p.tp * p.hp):
-        hp_ok = [h for h in _divisors(p.cp) if heads % (p.tp * h) == 0]
+        ok = [h for h in _divisors(p.cp) if heads % (p.tp * h) == 0]
         raise ConfigError(f"tp*hp = {p.tp}*{p.hp} = {p.tp * p.hp} does not divide "
-                          f"model.num_attention_heads={heads}; with tp={p.tp}, cp={p.cp} use "
-                          f"parallel.hp={_list(hp_ok)}")
+                          f"model.num_attention_heads={heads}; with tp={p.tp}, cp={p.cp} {_hp_advice(p, ok)}")
     if p.pp > m.num_layers:
         raise ConfigError(f"parallel.pp={p.pp} is more than model.num_layers={m.num_layers}; use "
                           f"pp <= {m.num_layers}")
@@ -158,6 +158,19 @@ def _check_model(m: ModelConfig, p: ParallelConfig) -> None:
     if bad:
         raise ConfigError(f"model.rope_scaling with rope_type 'llama3' needs a number for each "
                           f"of {', '.join(bad)}")
+
+
+def _hp_advice(p: ParallelConfig, ok: list[int]) -> str:
+    """How to get a head-parallel degree in ``ok``: hp itself, or the sp_mode that sets it."""
+    if p.sp_mode == "ulysses":  # hp = cp is implied; ring (hp = 1) always divides
+        hybrid = [h for h in ok if 1 < h < p.cp]
+        return ("use parallel.sp_mode=ring" + (f", or parallel.sp_mode=hybrid with parallel.hp={_list(hybrid)}"
+                                                if hybrid else "") + " (ulysses puts all cp ranks on heads)")
+    if p.sp_mode == "hybrid" and not [h for h in ok if 1 < h < p.cp]:
+        return "use parallel.sp_mode=ring (no hybrid split of these heads exists)"
+    if p.sp_mode == "hybrid":
+        return f"use parallel.hp={_list([h for h in ok if 1 < h < p.cp])}"
+    return f"use parallel.hp={_list(ok)}"
 
 
 def _check_pipeline(cfg: Config, dp: int) -> None:
