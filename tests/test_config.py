@@ -252,7 +252,7 @@ def test_valid_config_resolves_dp():
                                       "1, 2, 4 or 8"),
     (["parallel.tp=4", "parallel.cp=4", "parallel.sp_mode=ulysses"], 16,
      "tp*hp = 4*4 = 16 does not divide model.num_attention_heads=8; with tp=4, cp=4 use "
-     "parallel.hp=1 or 2"),
+     "parallel.sp_mode=ring, or parallel.sp_mode=hybrid with parallel.hp=2 (ulysses puts all cp ranks on heads)"),
     (["parallel.pp=3"], 3, "parallel.pp=3 is more than model.num_layers=2; use pp <= 2"),
     (["train.global_batch_size=10"], 4, "train.global_batch_size=10 is not divisible by "
      "dp*micro_batch_size = 4*1 = 4; use train.global_batch_size=8 or 12"),
