@@ -24,7 +24,7 @@ def test_big_configs_validate(tmp_path, name, world):
     assert p.dp * p.tp * p.pp * p.cp == world and cfg.data.seq_len >= 32768
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "tiny-dpo"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sft", "tiny-dpo", "tiny-flexsp"])
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_tiny_configs_validate_at_every_world_size(name, world):
     import os

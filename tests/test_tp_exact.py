@@ -82,6 +82,8 @@ def run_steps(cfg, mesh, plan_fn=None):
         out["loss"].append(loss)
         out["norm"].append(float(norm))
     out["weights"] = canonical_tensors(model, {n: p.detach() for n, p in model.named_parameters()})
+    if flex is not None:
+        out["plans"] = flex.plans
     if mesh.pp > 1:  # every pipeline stage's tensors, on every rank
         for key in ("grads", "weights"):
             out[key] = merge_stages(out[key], mesh)

@@ -154,6 +154,7 @@ class FlexSPRuntime:
         self.attention = FlexAttention(self.groups)
         self._plan_fn = plan_fn  # tests: step -> Plan, instead of the solver
         self._async = None
+        self.plans: list[StepPlan] = []  # every step's plan, on every rank
 
     # -- planning -------------------------------------------------------------------------------
     def step_indices(self, step: int) -> list[int]:
@@ -195,6 +196,7 @@ class FlexSPRuntime:
             box = [plan]
             dist.broadcast_object_list(box, src=0)
             plan = box[0]
+        self.plans.append(plan)
         return plan
 
     # -- one step -------------------------------------------------------------------------------
