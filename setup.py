@@ -34,5 +34,6 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "megatron-core==0.16.1"],
         "gpu": ["flash-attn>=2.6", "transformer-engine>=1.12"],
     },
-    entry_points={"console_scripts": ["meshtron-train=engine.cli:main", "meshtron-convert=convert.cli:main"]},
+    entry_points={"console_scripts": ["meshtron-train=engine.cli:main", "meshtron-convert=convert.cli:main",
+                                    "meshtron-plan=engine.plan.cli:main"]},
 )

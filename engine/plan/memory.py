@@ -1,0 +1,201 @@
+"""Memory per rank of a meshtron run: model states, activations by recompute and CP mode, the loss
+working set, CP buffers, and the fixed and fragmentation terms of engine/plan/devices.py.
+
+Model states (engine/optim.py, engine/parallel/zero.py, engine/parallel/fsdp.py), P parameters of
+this rank's tp shard of its pipeline stage, D = dp·cp, s_p bytes of a parameter (2 bf16, 4 fp32):
+
+========  ====================  ===================================  ===============================
+sharding  params                grads (+ at the step)                optimizer (device; 0 if offload)
+========  ====================  ===================================  ===============================
+none      s_p·P                 s_p·P (+4P fp32 if bf16, +4P flat    (4 masters if bf16 + 8 Adam)·P
+                                copy for the dp×cp all-reduce)
+zero1     s_p·P                 s_p·P (+4P bucket.float() if bf16,   (4 if bf16 + 8)·P/D
+                                +4P/D reduced shard)
+fsdp2     4P/D + 2 layers·s_p   4P/D + 1 layer·4                     8P/D
+========  ====================  ===================================  ===============================
+
+DPO adds the frozen reference model (s_p·P, forward only) and runs it over every micro-batch
+before the policy (engine/recipes/dpo.py), a phase with no saved activations.
+
+The peak is the largest of these phases: ``loss`` (last stage: states, the saved activations of
+the micro-batches in flight and the cross-entropy's forward working set), ``backward`` (states,
+saved activations, one layer's backward with its recomputed layer and the CP buffers), ``step``
+(states with the fp32 gradient copy, no activations) and, for DPO, ``reference`` (the frozen
+model's forward: one layer live at a time, then its loss without grad).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from engine.model.sharding import stage_layers
+from engine.plan import activations as act
+from engine.plan.devices import ALLOCATOR_FRAGMENTATION, CUDA_CONTEXT_GIB, GIB, NCCL_COMM_GIB
+from engine.plan.models import ModelSpec, layer_params, param_counts
+
+COMPONENTS = ("params", "grads", "optimizer", "activations", "loss", "cp_buffers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    tp: int = 1
+    cp: int = 1
+    hp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int = 1
+
+    @property
+    def rp(self) -> int:
+        return self.cp // self.hp
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.cp * self.pp * self.dp
+
+    def communicators(self) -> int:
+        """Process groups that move bulk data (each costs NCCL buffers): tp, hp, rp, dp×cp, pp."""
+        return sum(n > 1 for n in (self.tp, self.hp, self.rp, self.dp * self.cp, self.pp))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    seq_len: int
+    """Tokens per sequence (meshtron's data.seq_len; for DPO a chosen+rejected pair packed together)."""
+    recipe: str = "sft"
+    recompute: str = "none"
+    sharding: str = "none"
+    offload: bool = False
+    bf16: bool = True
+    micro_batch_size: int = 1
+    global_batch_size: int = 0
+    """Sequences per step; 0 = one micro-batch per dp rank."""
+    pp_schedule: str = "1f1b"
+    seq_chunks: int = 1
+
+
+@dataclasses.dataclass
+class Breakdown:
+    """Bytes per rank of the worst pipeline stage at its peak phase."""
+    parts: dict[str, float]
+    phase: str
+    stage: int
+    fixed: float
+    """CUDA context and NCCL buffers."""
+    reserve: float
+    """What the allocator's fragmentation makes unusable."""
+    device: float
+    host: float
+    """Optimizer state offloaded to host memory (not counted against the GPU)."""
+
+    @property
+    def allocated(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def total(self) -> float:
+        return self.allocated + self.fixed + self.reserve
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device
+
+
+def tokens_per_rank(seq_len: int, mesh: Mesh, micro_batch_size: int = 1) -> int:
+    """Tokens one rank holds of a micro-batch: each sequence padded to a multiple of 2·cp·tp (tp
+    without cp: I-3, engine/config/checks.py) and cut over cp."""
+    unit = 2 * mesh.cp * mesh.tp if mesh.cp > 1 else mesh.tp
+    return math.ceil(seq_len / unit) * unit // mesh.cp * micro_batch_size
+
+
+def micro_batches(run: Run, mesh: Mesh) -> int:
+    """Micro-batches each dp rank runs per step."""
+    per_dp = run.global_batch_size // mesh.dp if run.global_batch_size else run.micro_batch_size
+    return max(1, per_dp // run.micro_batch_size)
+
+
+def in_flight(run: Run, mesh: Mesh, stage: int) -> float:
+    """Micro-batches whose activations a pipeline stage holds at once (in micro-batch units):
+    1F1B: min(pp − r, m); interleaved: Megatron's warm-up 2(pp − r − 1) + (vpp − 1)·pp chunk
+    forwards plus one, each chunk 1/vpp of the stage; Seq1F1B: pp − r − 1 + k units of 1/k."""
+    m, pp = micro_batches(run, mesh), mesh.pp
+    if run.pp_schedule == "interleaved":
+        return min(2 * (pp - stage - 1) + (mesh.vpp - 1) * pp + 1, m * mesh.vpp) / mesh.vpp
+    if run.pp_schedule == "seq1f1b":
+        k = run.seq_chunks
+        return min(pp - stage - 1 + k, m * k) / k
+    return min(pp - stage, m)
+
+
+def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, last: bool) -> dict:
+    n = param_counts(m, mesh.tp, num_layers, first, last)
+    p = n["sharded"] + n["replicated"]
+    s_p, pool = (2 if run.bf16 else 4), mesh.dp * mesh.cp
+    layer = layer_params(m) / mesh.tp
+    if run.sharding == "fsdp2":
+        params, grads, optim = 4 * p / pool + 2 * layer * s_p, 4 * p / pool + 4 * layer, 8 * p / pool
+        step_extra = 0.0
+    elif run.sharding == "zero1":  # the bucket's fp32 copy (bf16) and this rank's reduced shard
+        params, grads, optim = s_p * p, s_p * p, (12 if run.bf16 else 8) * p / pool
+        step_extra = (4 * p if run.bf16 else 0.0) + (4 * p / pool if pool > 1 else 4 * p)
+    else:  # fp32 gradients of the masters (bf16), flattened once more for the dp×cp all-reduce
+        params, grads, optim = s_p * p, s_p * p, (12 if run.bf16 else 8) * p
+        step_extra = (4 * p if run.bf16 else 0.0) + (4 * p if pool > 1 else 0.0)
+    host = 0.0
+    if run.offload:
+        host, optim = optim, 0.0
+    if run.recipe == "dpo":
+        params += s_p * p  # the frozen reference model
+    return {"params": params, "grads": grads, "optimizer": optim, "step_extra": step_extra, "host": host}
+
+
+def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[str, dict[str, float]], float]:
+    """``({phase: parts}, host bytes)`` of pipeline rank ``stage``."""
+    chunks = stage_layers(m.num_layers, mesh.pp, mesh.vpp)[stage]
+    num_layers = sum(len(c) for c in chunks)
+    first, last = stage == 0, stage == mesh.pp - 1
+    st = _states(m, mesh, run, num_layers, first, last)
+    s, tp, hp = (2 if run.bf16 else 4), mesh.tp, mesh.hp
+    tokens = tokens_per_rank(run.seq_len, mesh, run.micro_batch_size)
+    kept = act.kept_per_layer(m, tp, hp, s, run.recompute) * num_layers
+    kept += act.model_extras_per_token(m, tp, s, first, last, len(chunks), run.recompute)
+    saved = kept * tokens * in_flight(run, mesh, stage)
+    if run.pp_schedule == "seq1f1b":  # K/V of the micro-batch's earlier units, every layer
+        saved += 2 * m.num_query_groups / tp * m.head_dim * s * num_layers * tokens
+    layer_bwd = (act.rematerialised_per_token(m, tp, hp, s, run.recompute)
+                 + act.backward_working_per_token(m, tp, s)) * tokens
+    cp_buf = act.cp_buffers_per_token(m, tp, hp, mesh.rp, s) * tokens
+    loss = act.loss_transient_per_token(m, tp, s) * tokens if last else 0.0
+    states = {k: st[k] for k in ("params", "grads", "optimizer")}
+    zero = {"activations": 0.0, "loss": 0.0, "cp_buffers": 0.0}
+    phases = {"backward": {**states, **zero, "activations": saved + layer_bwd, "cp_buffers": cp_buf},
+              "step": {**states, **zero, "grads": st["grads"] + st["step_extra"]}}
+    if last:
+        phases["loss"] = {**states, **zero, "activations": saved, "loss": loss}
+    if run.recipe == "dpo":  # reference forward: one layer live at a time, then its loss forward
+        ref_loss = (loss + 4 * m.padded_vocab(tp) / tp * tokens) if last else 0.0
+        grads = st["grads"] if run.sharding == "zero1" else 0.0  # zero1's gradient buckets persist
+        layer = act.layer_bytes_per_token(m, tp, hp, s) * tokens
+        phases["reference"] = {**states, "grads": grads, "activations": layer, "loss": ref_loss, "cp_buffers": cp_buf}
+    return phases, st["host"]
+
+
+def stage_memory(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[str, float], str, float]:
+    """``(parts, phase, host bytes)`` at the peak of pipeline rank ``stage``."""
+    phases, host = stage_phases(m, mesh, run, stage)
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    return phases[phase], phase, host
+
+
+def rank_memory(m: ModelSpec, mesh: Mesh, run: Run, gpu_memory_gib: float,
+                fragmentation: float = ALLOCATOR_FRAGMENTATION) -> Breakdown:
+    """The per-rank breakdown of the pipeline stage that needs the most memory."""
+    best = None
+    for stage in range(mesh.pp):
+        parts, phase, host = stage_memory(m, mesh, run, stage)
+        if best is None or sum(parts.values()) > sum(best[0].values()):
+            best = (parts, phase, stage, host)
+    parts, phase, stage, host = best
+    device = gpu_memory_gib * GIB
+    fixed = (CUDA_CONTEXT_GIB + NCCL_COMM_GIB * mesh.communicators()) * GIB
+    return Breakdown(parts, phase, stage, fixed, (device - fixed) * fragmentation, device, host)
