@@ -1,12 +1,32 @@
-"""AdamW with warmup + cosine schedule, and fp32 master weights for bf16 training.
+"""AdamW with warmup + cosine schedule, fp32 master weights for bf16 training, and optimizer
+states kept whole, ZeRO-1-sharded or FSDP2-sharded over dp×cp (``optim.sharding``), optionally in
+CPU memory (``optim.offload``).
 
 With ``train.bf16`` the model holds bf16 parameters; the optimizer holds fp32 master copies,
-gradients are accumulated into fp32 ``main_grad`` buffers (so summation over micro-batches and
-dp×cp happens in fp32) and updated masters are cast back after each step.
+gradients are summed over dp×cp in fp32 and updated masters are cast back after each step.
+
+The three ways of holding the state are interchangeable state objects behind
+:class:`MeshOptimizer` (the same arithmetic, I-5; checkpoints in one canonical format, so a run
+saved with one resumes with another):
+
+- :class:`ReplicatedState` (``none``): every dp×cp rank holds all moments; gradients all-reduced.
+- :class:`engine.parallel.zero.ZeroState` (``zero1``): 1/(dp·cp) of the moments and masters per
+  rank; gradients reduce-scattered, parameters all-gathered. With ``offload`` the shard lives in CPU
+  memory and AdamW runs there.
+- :class:`engine.parallel.fsdp.FSDPState` (``fsdp2``): torch's ``fully_shard`` over dp×cp shards the
+  parameters and gradients too.
+
+Memory accounting (:meth:`MeshOptimizer.memory_report`): bytes per rank of the distinct storages
+holding parameters, gradients and optimizer state, the last split by placement. "device" is the
+device of the mesh (where the model computes), "host" the CPU memory an offloaded state lives in.
+On a CPU-only machine both are the same RAM, so the split reports where the optimizer *placed* each
+tensor: offloaded state is allocated by the offload path as CPU tensors of its own (never the
+parameters' storage), and everything else counts as device memory.
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -22,22 +42,24 @@ def lr_at(step: int, cfg, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-class MeshOptimizer:
-    """Optimizer step of one rank: reduce gradients over the mesh, clip by the global norm, AdamW."""
+class ReplicatedState:
+    """Whole AdamW state on every dp×cp rank (``optim.sharding=none``)."""
 
-    def __init__(self, model: torch.nn.Module, cfg, mesh, total_steps: int):
-        self.model, self.cfg, self.mesh, self.total_steps = model, cfg, mesh, total_steps
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.mixed = any(p.dtype != torch.float32 for p in self.params)
-        self.masters = ([p.detach().float().clone().requires_grad_(True) for p in self.params]
-                        if self.mixed else self.params)
-        decay = [m for p, m in zip(self.params, self.masters) if p.ndim >= 2]
-        no_decay = [m for p, m in zip(self.params, self.masters) if p.ndim < 2]
+    sharded = False
+    offload = False
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg, mesh):
+        self.params, self.mesh = params, mesh
+        self.mixed = any(p.dtype != torch.float32 for p in params)
+        self.masters = ([p.detach().float().clone().requires_grad_(True) for p in params]
+                        if self.mixed else params)
+        decay = [m for p, m in zip(params, self.masters) if p.ndim >= 2]
+        no_decay = [m for p, m in zip(params, self.masters) if p.ndim < 2]
         fused = all(m.is_cuda for m in self.masters)
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
-        self.step_count = 0
+        self._reduced = None
 
     def grads(self) -> list[torch.Tensor]:
         """fp32 gradients aligned with ``self.params`` (zeros for parameters that got none)."""
@@ -50,21 +72,16 @@ class MeshOptimizer:
             out.append(m.grad if self.mixed else p.grad)
         return out
 
-    def reduce_and_clip(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Sum gradients over the mesh (I-5) and clip them by the global norm; returns
-        ``(grads, norm before clipping)``."""
+    def reduce(self):
         grads = self.grads()
         reduce_gradients(self.params, grads, self.mesh)
-        norm = global_grad_norm(self.params, grads, self.mesh)
-        if self.cfg.clip_grad > 0:
-            coef = torch.clamp(self.cfg.clip_grad / (norm + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
-        return grads, norm
+        self._reduced = grads
+        return self.params, grads
 
-    def update(self) -> float:
-        """AdamW on the (reduced, clipped) gradients at this step's learning rate; returns it."""
-        lr = lr_at(self.step_count, self.cfg, self.total_steps)
+    def full_grads(self) -> list[torch.Tensor]:
+        return self._reduced
+
+    def adam_step(self, lr: float) -> None:
         for group in self.adam.param_groups:
             group["lr"] = lr
         self.adam.step()
@@ -75,10 +92,129 @@ class MeshOptimizer:
                     m.grad = None
         for p in self.params:
             p.grad = None
+        self._reduced = None
+
+    def local_state(self) -> dict:
+        out = {key: [self.adam.state[m][key] if m in self.adam.state else None for m in self.masters]
+               for key in ("exp_avg", "exp_avg_sq")}
+        out["masters"] = [m.detach() for m in self.masters] if self.mixed else None
+        return out
+
+    def load_local_state(self, exp_avg, exp_avg_sq, masters, step: int) -> None:
+        fused = bool(self.adam.defaults.get("fused"))
+        for i, m in enumerate(self.masters):
+            if masters is not None:
+                with torch.no_grad():
+                    m.copy_(masters[i])
+            if exp_avg is not None:
+                self.adam.state[m] = {
+                    "step": torch.tensor(float(step), device=m.device if fused else "cpu"),
+                    "exp_avg": exp_avg[i].to(m.device).clone(), "exp_avg_sq": exp_avg_sq[i].to(m.device).clone()}
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        out = [t for s in self.adam.state.values() for t in s.values() if torch.is_tensor(t)]
+        return out + (self.masters if self.mixed else [])
+
+
+class MeshOptimizer:
+    """Optimizer step of one rank: reduce gradients over the mesh, clip by the global norm, AdamW.
+
+    Construction applies ``cfg.sharding``: ``zero1`` moves the parameters into flat buckets (the
+    same Parameter objects), ``fsdp2`` wraps the model's layers with ``fully_shard`` (new DTensor
+    Parameter objects: build the optimizer before taking references to parameters). With one
+    dp×cp rank there is nothing to shard and ``fsdp2`` uses the replicated state.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg, mesh, total_steps: int):
+        self.model, self.cfg, self.mesh, self.total_steps = model, cfg, mesh, total_steps
+        self.sharding = cfg.sharding
+        if cfg.offload and cfg.sharding != "zero1":
+            raise ValueError(f"optim.offload=true needs optim.sharding=zero1 (got {cfg.sharding!r}): the CPU "
+                             f"offload of optimizer states is implemented by the ZeRO-1 optimizer")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.sharding == "zero1":
+            from engine.parallel.zero import ZeroState
+
+            self.state = ZeroState(params, cfg, mesh)
+        elif cfg.sharding == "fsdp2" and mesh.group("dp_cp") is not None:
+            from engine.parallel.fsdp import FSDPState
+
+            self.state = FSDPState(model, cfg, mesh)
+        elif cfg.sharding in ("none", "fsdp2"):
+            self.state = ReplicatedState(params, cfg, mesh)
+        else:
+            raise ValueError(f"optim.sharding={cfg.sharding!r}; expected 'none', 'zero1' or 'fsdp2'")
+        self.params = self.state.params
+        self.mixed = self.state.mixed
+        self.adam = self.state.adam
+        self.step_count = 0
+
+    @property
+    def masters(self) -> list[torch.Tensor]:
+        """fp32 master weights aligned with ``params`` (replicated state only)."""
+        return self.state.masters
+
+    def reduce_and_clip(self, full_grads: bool = True) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """Sum gradients over the mesh (I-5) and clip them by the global norm; returns ``(grads,
+        norm before clipping)``. ``grads`` are whole local fp32 gradients aligned with ``params``
+        (sharded states all-gather them for this: pass ``full_grads=False`` when training)."""
+        params, pieces = self.state.reduce()
+        norm = global_grad_norm(params, pieces, self.mesh, sharded=self.state.sharded)
+        if self.cfg.clip_grad > 0:
+            coef = torch.clamp(self.cfg.clip_grad / (norm + 1e-6), max=1.0)
+            for g in pieces:
+                g.mul_(coef.to(device=g.device, dtype=g.dtype))
+        return (self.state.full_grads() if full_grads else None), norm
+
+    def update(self) -> float:
+        """AdamW on the (reduced, clipped) gradients at this step's learning rate; returns it."""
+        lr = lr_at(self.step_count, self.cfg, self.total_steps)
+        self.state.adam_step(lr)
         self.step_count += 1
         return lr
 
     def step(self) -> dict:
         """Reduce, clip, update; returns ``{"grad_norm", "lr"}`` of this step."""
-        _, norm = self.reduce_and_clip()
+        _, norm = self.reduce_and_clip(full_grads=False)
         return {"grad_norm": float(norm), "lr": self.update()}
+
+    # -- whole weights, checkpoints ------------------------------------------------------------
+    def full_weights(self, writeback: bool = False):
+        """Context in which ``model.named_parameters()`` are this rank's whole (tp-local) weights;
+        a no-op except under FSDP2, whose parameters are dp×cp shards (see FSDPState)."""
+        fn = getattr(self.state, "full_weights", None)
+        return fn(writeback) if fn else nullcontext()
+
+    def local_state(self) -> dict:
+        """``{"exp_avg", "exp_avg_sq", "masters"}``: lists aligned with ``params`` of whole local
+        (tp-sharded, dp×cp-whole) fp32 tensors (moments ``None`` before the first step, masters
+        ``None`` for fp32 parameters). Collective over dp×cp for sharded states."""
+        return self.state.local_state()
+
+    def load_local_state(self, exp_avg, exp_avg_sq, masters, step: int) -> None:
+        """Restore what :meth:`local_state` returned (possibly by another mesh or sharding, after
+        re-sharding over tp); ``step`` is the optimizer step count. Weights must be loaded first."""
+        self.state.load_local_state(exp_avg, exp_avg_sq, masters, step)
+        self.step_count = step
+
+    # -- accounting ----------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """Bytes this rank holds now in parameters, gradients and optimizer state (distinct
+        storages; the state split into "device" and "host", see the module docstring). Call it
+        after backward to see parameters, gradients and state all live."""
+        def local(t):
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        def total(tensors) -> int:
+            seen = {}
+            for t in tensors:
+                s = local(t).untyped_storage()
+                seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+            return sum(seen.values())
+
+        params = list(self.model.parameters())
+        state = self.state.state_tensors()
+        host = [t for t in state if self.state.offload and t.device.type == "cpu"]
+        device = [t for t in state if not any(t is h for h in host)]
+        return {"params": total(params), "grads": total(p.grad for p in params if p.grad is not None),
+                "state_device": total(device), "state_host": total(host)}

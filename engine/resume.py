@@ -34,19 +34,22 @@ def _rng_state() -> dict:
 
 
 def save_training_checkpoint(model, opt, mesh, cfg, step: int) -> str | None:
-    """Weights + optimizer + schedule + data position + RNG after ``step`` optimizer steps."""
+    """Weights + optimizer + schedule + data position + RNG after ``step`` optimizer steps.
+    Sharded optimizer states (ZeRO-1, FSDP2) are gathered to the same canonical tensors as whole
+    ones, so the checkpoint does not depend on ``optim.sharding``."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    local = opt.local_state()
     moments = {}
     for key in ("exp_avg", "exp_avg_sq"):
-        moments[key] = gather_canonical(model, mesh, {n: opt.adam.state[m][key] for n, m in
-                                                      zip(names, opt.masters) if m in opt.adam.state})
-    masters = gather_canonical(model, mesh, dict(zip(names, opt.masters))) if opt.mixed else None
+        moments[key] = gather_canonical(model, mesh, {n: t for n, t in zip(names, local[key]) if t is not None})
+    masters = gather_canonical(model, mesh, dict(zip(names, local["masters"]))) if local["masters"] else None
     extra = None
     if mesh.rank == 0:
         extra = {STATE_FILE: {"step": step, "optimizer_step": opt.step_count, "moments": moments,
                               "masters": masters, "rng": _rng_state(), "data_position": step}}
     root = checkpoint_root(cfg)
-    out = save_torch_dist(model, mesh, root, step, extra)
+    with opt.full_weights():
+        out = save_torch_dist(model, mesh, root, step, extra)
     if mesh.rank == 0 and cfg.checkpoint.keep > 0:
         _prune(root, cfg.checkpoint.keep)
     return out
@@ -78,24 +81,25 @@ def find_resume(cfg) -> str | None:
 def load_training_checkpoint(model, opt, mesh, where: str) -> int:
     """Restore everything saved by :func:`save_training_checkpoint`; returns the step to start at."""
     state = torch.load(os.path.join(where, STATE_FILE), weights_only=False, map_location="cpu")
-    for chunk in model:
-        load_weights(chunk, where)
+    with opt.full_weights(writeback=True):
+        for chunk in model:
+            load_weights(chunk, where)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     tp, tp_rank = mesh.tp, mesh.index("tp")
-    for name, p, m in zip(names, opt.params, opt.masters):
-        chunk, local = _chunk_of(model, name)
-        canon = chunk.canonical_name(local)
+    local = {"exp_avg": [], "exp_avg_sq": [], "masters": []}
+    for name, p in zip(names, opt.params):
+        chunk, local_name = _chunk_of(model, name)
+        canon = chunk.canonical_name(local_name)
         shard = lambda t: shard_tensor(_repad(t, chunk, canon), p.tp_dim, p.tp_parts, tp, tp_rank)  # noqa: E731
-        if opt.mixed and state["masters"] is not None:
-            with torch.no_grad():
-                m.copy_(shard(state["masters"][canon]))
-        if canon in state["moments"]["exp_avg"]:
-            fused = bool(opt.adam.defaults.get("fused"))
-            opt.adam.state[m] = {
-                "step": torch.tensor(float(state["optimizer_step"]), device=m.device if fused else "cpu"),
-                "exp_avg": shard(state["moments"]["exp_avg"][canon]).to(m.device).clone(),
-                "exp_avg_sq": shard(state["moments"]["exp_avg_sq"][canon]).to(m.device).clone()}
-    opt.step_count = state["optimizer_step"]
+        local["masters"].append(shard(state["masters"][canon]) if opt.mixed and state["masters"] is not None
+                                else None)
+        for key in ("exp_avg", "exp_avg_sq"):
+            local[key].append(shard(state["moments"][key][canon]) if canon in state["moments"][key] else None)
+    # sharded states take their slice of every parameter's whole tensor: all or nothing
+    stepped = all(t is not None for t in local["exp_avg"])
+    opt.load_local_state(local["exp_avg"] if stepped else None, local["exp_avg_sq"] if stepped else None,
+                         local["masters"] if all(t is not None for t in local["masters"]) else None,
+                         state["optimizer_step"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

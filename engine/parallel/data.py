@@ -1,16 +1,25 @@
-"""Data-parallel axis: gradient reduction over dp×cp, and norms over the whole mesh.
+"""Data-parallel axis: gradient reduction over dp×cp, the sharded-state collectives, and norms over
+the whole mesh.
 
 I-5: the loss of every micro-batch is already divided by the *global* number of valid tokens, so
 gradients are **summed** over dp×cp, never averaged. Parameters replicated over tp (the norms)
 receive partial gradients under sequence parallelism (each tp rank saw 1/tp of the tokens); they
 are summed over tp first, as Megatron does for its layernorm gradients.
+
+Three ways to hold the optimizer state over dp×cp (``optim.sharding``), all summing the same
+gradients: ``none`` all-reduces every gradient (:func:`reduce_gradients`); ``zero1``
+(engine/parallel/zero.py) reduce-scatters flat gradient buckets (:func:`reduce_scatter_flat`) and
+all-gathers the updated parameters (:func:`all_gather_flat`); ``fsdp2`` (engine/parallel/fsdp.py)
+lets torch's ``fully_shard`` reduce-scatter per layer. The last two then sum only the tp and tied-
+embedding replicas (:func:`reduce_replicas`) on their shards.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from engine.parallel.comm import all_reduce_
+from engine.parallel.comm import COUNTER, _all_gather_tensor, _reduce_scatter_tensor, all_reduce_
 
 
 def _coalesced_all_reduce(tensors: list[torch.Tensor], group) -> None:
@@ -36,21 +45,69 @@ def reduce_gradients(params: list[torch.nn.Parameter], grads: list[torch.Tensor]
                           mesh.group("pp_ends"))
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor], mesh) -> torch.Tensor:
+def reduce_replicas(params: list[torch.nn.Parameter], grads: list[torch.Tensor], mesh) -> None:
+    """The part of :func:`reduce_gradients` that is not over dp×cp: tp-replicated gradients summed
+    over tp, tied-embedding copies over the pipeline ends. Works on whole gradients or on the same
+    dp×cp shard of them (the tp peers and both pipeline ends of a rank have the same dp×cp index, so
+    they hold the same elements)."""
+    _coalesced_all_reduce([g for p, g in zip(params, grads) if p.tp_dim is None], mesh.group("tp"))
+    _coalesced_all_reduce([g for p, g in zip(params, grads) if getattr(p, "shared_embedding", False)],
+                          mesh.group("pp_ends"))
+
+
+def shard_index(group) -> int:
+    """This rank's shard of a flat buffer split over ``group``: its rank in the process group,
+    which is the slot that reduce-scatter and all-gather give it (not necessarily the mesh index)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def reduce_scatter_flat(flat: torch.Tensor, group) -> torch.Tensor:
+    """Sum a 1-D buffer (numel a multiple of the group size) over ``group``; return this rank's
+    contiguous slice of the sum (:func:`shard_index`). Gloo supports reduce-scatter on torch 2.13,
+    so this is a true reduce-scatter, not an all-reduce followed by slicing. No autograd."""
+    if group is None:
+        return flat.clone()
+    n = dist.get_world_size(group)
+    assert flat.dim() == 1 and flat.numel() % n == 0, (flat.shape, n)
+    out = torch.empty(flat.numel() // n, dtype=flat.dtype, device=flat.device)
+    COUNTER.record("reduce_scatter", group, flat.numel() * flat.element_size() * (n - 1) // n)
+    _reduce_scatter_tensor(out, flat.contiguous(), group=group)
+    return out
+
+
+def all_gather_flat(shard: torch.Tensor, flat: torch.Tensor, group) -> None:
+    """Write every rank's ``shard`` into its slot of the 1-D buffer ``flat`` (in place); ``shard``
+    must not alias ``flat``. No autograd."""
+    if group is None:
+        flat.copy_(shard)
+        return
+    n = dist.get_world_size(group)
+    assert flat.numel() == shard.numel() * n, (flat.shape, shard.shape, n)
+    COUNTER.record("all_gather", group, shard.numel() * shard.element_size() * (n - 1))
+    _all_gather_tensor(flat, shard.contiguous(), group=group)
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor], mesh,
+                     sharded: bool = False) -> torch.Tensor:
     """L2 norm of the full gradient of the whole model, identical on every rank.
 
     tp-sharded gradients are disjoint pieces (summed over tp); tp-replicated ones are counted on
-    tp rank 0 only; pipeline stages hold disjoint layers (summed over pp); dp×cp replicas are
-    identical after :func:`reduce_gradients` and are not summed.
+    tp rank 0 only; pipeline stages hold disjoint layers (summed over pp). Unsharded, dp×cp
+    replicas are identical after :func:`reduce_gradients` and are not summed; ``sharded`` means
+    each ``grads[i]`` is this rank's disjoint dp×cp piece of ``params[i]``'s gradient (ZeRO-1,
+    FSDP2), so the squares are summed over dp×cp as well: the norm of all shards together.
     """
     first_tp = mesh.index("tp") == 0
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else mesh.device)
     last_stage_copy = mesh.pp > 1 and mesh.index("pp") == mesh.pp - 1
     for p, g in zip(params, grads):
         if getattr(p, "shared_embedding", False) and last_stage_copy:
             continue  # counted once, on the first stage
         if p.tp_dim is not None or first_tp:
             sq += g.double().pow(2).sum()
+    sq = sq.to(mesh.device)  # offloaded shards live on the CPU; the collectives run where the mesh does
     all_reduce_(sq, mesh.group("tp"))
     all_reduce_(sq, mesh.group("pp"))
+    if sharded:
+        all_reduce_(sq, mesh.group("dp_cp"))
     return sq.sqrt().float()

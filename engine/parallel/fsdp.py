@@ -1,0 +1,175 @@
+"""FSDP2: torch's ``fully_shard`` of parameters, gradients and optimizer states over dp×cp.
+
+Every transformer layer, then every model chunk (embedding, final norm, output layer), is wrapped
+with ``fully_shard`` on a 1-D DeviceMesh built from the mesh's existing dp×cp process group (no new
+group, I-1). At rest each rank holds dim-0 shards (``Shard(0)``, padded when uneven) of its tp-local
+parameters as DTensors, and gets sharded gradients; a layer's parameters are all-gathered in its
+forward and again in its backward and freed after each. meshtron's tp sharding is its own and stays
+outside FSDP: the DTensors live on the dp×cp mesh only, and the ``tp_dim`` / ``tp_parts`` /
+``shared_embedding`` marks are carried over to the new parameter objects.
+
+What had to be set for I-5 and for gloo (torch 2.13, CPU):
+- gradients must be *summed* over dp×cp: FSDP2 averages by default (``ReduceOp.AVG``), and
+  ``set_gradient_divide_factor(1.0)`` alone makes ``_get_gradient_divide_factors``
+  (fsdp/_fully_shard/_fsdp_collectives.py) pick ``ReduceOp.PREMUL_SUM(1)``, which ProcessGroupGloo
+  rejects ("Cannot use ReduceOp.PREMUL_SUM with Gloo", raised in libtorch_cpu). With
+  ``set_force_sum_reduction_for_comms(True)`` as well, the reduce-scatter is a plain ``SUM`` and the
+  post-division by 1 is skipped. Both are set on every FSDP module (the setters are not recursive).
+- the collectives FSDP2 needs on gloo are all-gather-into-tensor and reduce-scatter-tensor, both
+  implemented by ProcessGroupGloo on torch 2.13; streams and events are no-ops on CPU.
+- bf16 (``train.bf16``): the sharded parameters are fp32 (they are the master weights), the
+  forward runs in bf16 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``), so the
+  gradients are reduced and accumulated in fp32 — the unsharded path's arithmetic.
+Gradients of tp-replicated parameters and of the tied-embedding copies are then summed over tp and
+over the pipeline ends on the local shards (engine/parallel/data.py), and the global norm sums the
+squares of all shards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from engine.parallel.data import reduce_replicas
+
+MARKS = ("tp_dim", "tp_parts", "shared_embedding")
+
+
+def _chunk0(t: torch.Tensor, num: int, slot: int) -> torch.Tensor:
+    """Slot ``slot`` of ``t`` split over dim 0 the way FSDP2 shards it (torch.chunk, missing
+    trailing chunks empty)."""
+    chunks = list(torch.chunk(t, num, dim=0))
+    chunks += [t.new_empty((0,) + tuple(t.shape[1:]))] * (num - len(chunks))
+    return chunks[slot]
+
+
+class FSDPState:
+    """AdamW on ``fully_shard``-ed parameters; the interface of the other state objects of
+    :class:`engine.optim.MeshOptimizer` (reduce, adam_step, local_state, full_weights, …)."""
+
+    sharded = True
+    offload = False
+
+    def __init__(self, model: torch.nn.ModuleList, cfg, mesh):
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.model, self.cfg, self.mesh = model, cfg, mesh
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.param_dtype = trainable[0].dtype
+        self.mixed = any(p.dtype != torch.float32 for p in trainable)
+        self.marks = {n: {k: getattr(p, k) for k in MARKS if hasattr(p, k)} for n, p in model.named_parameters()}
+        if self.mixed:  # the sharded parameters become the fp32 masters
+            for p in model.parameters():
+                p.data = p.data.float()
+        group = mesh.group("dp_cp")
+        self.dm = DeviceMesh.from_group(group, mesh.device.type)
+        self.num_shards, self.slot = dist.get_world_size(group), dist.get_rank(group)
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype if self.mixed else None,
+                                      reduce_dtype=torch.float32, cast_forward_inputs=False)
+        self.modules = []
+        for chunk in model:
+            for layer in chunk.decoder.layers:
+                fully_shard(layer, mesh=self.dm, mp_policy=policy)
+                self.modules.append(layer)
+            fully_shard(chunk, mesh=self.dm, mp_policy=policy)
+            self.modules.append(chunk)
+        for m in self.modules:
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+        self._mark(model.named_parameters())
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.adam = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+    def _mark(self, named) -> None:
+        for n, p in named:
+            for k, v in self.marks[n].items():
+                setattr(p, k, v)
+
+    # -- the step ------------------------------------------------------------------------------
+    def reduce(self) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+        """FSDP2 already reduce-scattered over dp×cp in backward; sum the tp replicas and tied
+        copies on the local shards. Returns ``(params, local gradient shards)``."""
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is None:  # no gradient reached it: zeros, as unsharded
+                    p.grad = torch.zeros_like(p)
+            local = [p.grad.to_local() for p in self.params]
+        reduce_replicas(self.params, local, self.mesh)
+        return self.params, local
+
+    def adam_step(self, lr: float) -> None:
+        for group in self.adam.param_groups:
+            group["lr"] = lr
+        self.adam.step()
+        for p in self.params:
+            p.grad = None
+
+    def full_grads(self) -> list[torch.Tensor]:
+        """Whole local fp32 gradients aligned with ``params`` (all-gathered; for tests)."""
+        return [p.grad.full_tensor() for p in self.params]
+
+    # -- whole weights and checkpoints ---------------------------------------------------------
+    @contextmanager
+    def full_weights(self, writeback: bool = False):
+        """Inside the block the model's parameters are whole plain tensors in the model dtype
+        (all-gathered over dp×cp, with the tp marks), so code written for unsharded models —
+        saving, exporting, loading a checkpoint — works unchanged. With ``writeback`` the values
+        found at exit are copied into this rank's shards (loading weights). FSDP's own unshard is
+        not used: it needs FSDP's lazy initialisation, i.e. a forward pass first."""
+        sharded = dict(self.model.named_parameters())
+        full = {}
+        for name, p in sharded.items():
+            full[name] = torch.nn.Parameter(p.full_tensor().to(self.param_dtype), requires_grad=p.requires_grad)
+        self._swap(full)
+        self._mark(full.items())
+        try:
+            yield
+        finally:
+            if writeback:
+                with torch.no_grad():
+                    for name, p in self.model.named_parameters():
+                        sharded[name].to_local().copy_(_chunk0(p, self.num_shards, self.slot))
+            self._swap(sharded)
+
+    def _swap(self, params: dict) -> None:
+        for name, p in params.items():
+            owner, leaf = name.rsplit(".", 1)
+            setattr(self.model.get_submodule(owner), leaf, p)
+
+    def _local_shard(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        local = _chunk0(full.to(device=like.device, dtype=like.dtype), self.num_shards, self.slot).clone()
+        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                  stride=like.stride())
+
+    def local_state(self) -> dict:
+        """Whole local moments (and fp32 masters under bf16) aligned with ``params``."""
+        out = {key: [self.adam.state[p][key].full_tensor() if p in self.adam.state else None for p in self.params]
+               for key in ("exp_avg", "exp_avg_sq")}
+        out["masters"] = [p.detach().full_tensor() for p in self.params] if self.mixed else None
+        return out
+
+    def load_local_state(self, exp_avg, exp_avg_sq, masters, step: int) -> None:
+        """Keep this rank's shards of whole local moments and masters (weights already loaded)."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if masters is not None:
+                    p.to_local().copy_(_chunk0(masters[i].to(p.device), self.num_shards, self.slot))
+                if exp_avg is not None:
+                    self.adam.state[p] = {"step": torch.tensor(float(step)),
+                                          "exp_avg": self._local_shard(exp_avg[i], p),
+                                          "exp_avg_sq": self._local_shard(exp_avg_sq[i], p)}
+
+    # -- accounting ----------------------------------------------------------------------------
+    def state_tensors(self) -> list[torch.Tensor]:
+        """AdamW moments held by this rank (their local shards); the fp32 masters under bf16 are
+        the sharded parameters themselves and are counted as parameters."""
+        return [t.to_local() if hasattr(t, "to_local") else t
+                for s in self.adam.state.values() for t in s.values() if torch.is_tensor(t)]
