@@ -27,8 +27,9 @@ def _bad_input_errors() -> tuple[type, ...]:
     from convert.megatron_io import CheckpointError
     from engine.config import ConfigError
     from engine.data.records import DataError
+    from engine.train import NonFiniteTraining
 
-    return (CheckpointError, ConfigError, DataError)
+    return (CheckpointError, ConfigError, DataError, NonFiniteTraining)
 
 
 def _select_backend(cfg):

@@ -90,8 +90,14 @@ class ReplicatedState:
                 for p, m in zip(self.params, self.masters):
                     p.copy_(m)
                     m.grad = None
-        for p in self.params:
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop this step's gradients (a skipped step)."""
+        for p, m in zip(self.params, self.masters):
             p.grad = None
+            if self.mixed:
+                m.grad = None
         self._reduced = None
 
     def local_state(self) -> dict:
@@ -173,10 +179,19 @@ class MeshOptimizer:
         self.step_count += 1
         return lr
 
-    def step(self) -> dict:
-        """Reduce, clip, update; returns ``{"grad_norm", "lr"}`` of this step."""
+    def step(self, loss: float | None = None) -> dict:
+        """Reduce, clip, update; returns ``{"grad_norm", "lr", "skipped"}`` of this step.
+
+        A non-finite gradient norm (any NaN/Inf gradient anywhere: the norm is global) or a
+        non-finite ``loss`` skips the update: gradients are dropped, weights, moments and the
+        learning-rate schedule stay as they were. Both values are identical on every rank, so
+        every rank skips together."""
         _, norm = self.reduce_and_clip(full_grads=False)
-        return {"grad_norm": float(norm), "lr": self.update()}
+        norm = float(norm)
+        if not math.isfinite(norm) or (loss is not None and not math.isfinite(loss)):
+            self.state.discard()
+            return {"grad_norm": norm, "lr": lr_at(self.step_count, self.cfg, self.total_steps), "skipped": 1}
+        return {"grad_norm": norm, "lr": self.update(), "skipped": 0}
 
     # -- whole weights, checkpoints ------------------------------------------------------------
     def full_weights(self, writeback: bool = False):

@@ -28,6 +28,10 @@ from engine.parallel.pipeline.runtime import PipelineRuntime
 from engine.parallel.pipeline.seqchunks import split_units, split_units_cp
 
 
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient (``train.max_bad_steps``)."""
+
+
 def build_model(cfg, mesh, core_attention=None) -> torch.nn.ModuleList:
     """This rank's model chunks (one per virtual pipeline stage; one when vpp = 1), initialised
     identically for every mesh (or loaded from ``model.load``). ``core_attention``: the context
@@ -203,7 +207,7 @@ def train(cfg, mesh) -> list[dict]:
             print(f"resumed from {where} at step {first_step}", flush=True)
     log = RunLogger(cfg.train.output_dir, enabled=mesh.rank == 0, total_steps=cfg.train.steps,
                     start_step=first_step)
-    rows, start = [], time.perf_counter()
+    rows, start, bad, skipped = [], time.perf_counter(), 0, 0
     ck = cfg.checkpoint
     for step in range(first_step, cfg.train.steps):
         t0 = time.perf_counter()
@@ -221,14 +225,26 @@ def train(cfg, mesh) -> list[dict]:
                      "flexsp_groups": [[g.size for g in mb] for mb in plan.micro_batches]}
         else:
             loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh, cfg.parallel)
-        stats = opt.step()
+        faults.poison_gradients(model.parameters(), step, mesh.rank)
+        stats = opt.step(loss)
+        bad = bad + 1 if stats["skipped"] else 0
+        skipped += stats["skipped"]
         dt = time.perf_counter() - t0
-        row = {"step": step, "loss": loss, **stats, **extra, "num_tokens": num_tokens,
+        row = {"step": step, "loss": loss, **stats, "skipped_steps": skipped, **extra, "num_tokens": num_tokens,
                "time_s": dt,
                # throughput counts every token of the step's sequences (loss tokens are num_tokens)
                "tokens_per_s": step_tokens(dataset, step, cfg) / dt}
         rows.append(row)
-        log.log(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1)
+        log.log(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1 or bool(bad))
+        if bad and mesh.rank == 0:
+            print(f"step {step}: loss {loss} / grad norm {stats['grad_norm']} is not finite: step skipped "
+                  f"(no update; {bad} in a row, {skipped} in this run)", flush=True)
+        if cfg.train.max_bad_steps and bad >= cfg.train.max_bad_steps:
+            log.close()
+            raise NonFiniteTraining(f"stopping at step {step}: the last {bad} steps (train.max_bad_steps="
+                                    f"{cfg.train.max_bad_steps}) had a NaN/Inf loss or gradient and were skipped; "
+                                    f"the weights are those after step {step - bad} — lower optim.lr, check the "
+                                    f"data of these steps, or resume from a checkpoint")
         if ck.every and (step + 1) % ck.every == 0 and step + 1 < cfg.train.steps:
             save_training_checkpoint(model, opt, mesh, cfg, step + 1)
     log.close()

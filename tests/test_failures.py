@@ -147,3 +147,60 @@ def test_missing_or_corrupt_shard_is_named(tmp_path):
         assert r.returncode != 0
         assert str(victim) in r.stderr, (damage, r.stderr[-3000:])
         assert r.stderr.count("Traceback") <= 1
+
+
+def test_non_finite_gradients_skip_the_update(tmp_path):
+    """In-process, for every optimizer-state layout that runs on one rank: a NaN gradient leaves
+    weights, moments, masters and the schedule untouched, and the next good step is the step an
+    optimizer that never saw the bad one would take."""
+    import torch
+
+    from engine.config import load_config, validate
+    from engine.mesh import ParallelMesh
+    from engine.optim import MeshOptimizer
+    from engine.train import build_dataset, build_model, forward_backward, rank_micro_batches
+
+    for over in (["optim.sharding=none"], ["optim.sharding=zero1"], ["optim.sharding=zero1", "optim.offload=true"],
+                 ["optim.sharding=none", "train.bf16=true"]):
+        cfg = validate(load_config(TINY, over + ["model.num_layers=2", "train.global_batch_size=2"]), 1)
+        mesh = ParallelMesh.single()
+        runs = []
+        for poison in (False, True):
+            torch.manual_seed(0)
+            model = build_model(cfg, mesh)
+            opt, data = MeshOptimizer(model, cfg.optim, mesh, 4), build_dataset(cfg)
+            losses = [forward_backward(model, rank_micro_batches(data, 0, cfg, mesh), mesh)[0]]
+            assert opt.step(losses[0])["skipped"] == 0
+            if poison:
+                before = [p.detach().clone() for p in model.parameters()]
+                forward_backward(model, rank_micro_batches(data, 1, cfg, mesh), mesh)
+                next(iter(model.parameters())).grad.view(-1)[0] = float("nan")
+                stats = opt.step(1.0)
+                assert stats["skipped"] == 1 and stats["grad_norm"] != stats["grad_norm"], (over, stats)
+                assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), over
+                assert opt.step_count == 1
+                inf = opt.step(float("inf"))  # a non-finite loss with no gradients at all
+                assert inf["skipped"] == 1 and opt.step_count == 1
+            losses.append(forward_backward(model, rank_micro_batches(data, 2, cfg, mesh), mesh)[0])
+            assert opt.step(losses[-1])["skipped"] == 0
+            runs.append(([p.detach().clone() for p in model.parameters()], losses))
+        (clean, l_clean), (skipped, l_skipped) = runs
+        assert l_clean == l_skipped, over
+        assert all(torch.equal(a, b) for a, b in zip(clean, skipped)), over
+
+
+def test_consecutive_bad_steps_stop_the_run_with_one_message(tmp_path):
+    """Two ranks; NaN gradients on rank 1 only from step 2 on: every rank skips together (the
+    norm is global), the metrics count the skips, and after train.max_bad_steps=3 the run stops."""
+    import json
+
+    out = tmp_path / "run"
+    r = train(["parallel.dp=2", "train.steps=10", "train.max_bad_steps=3", f"train.output_dir={out}",
+               "checkpoint.save_final=false"], fault="nan@2-99/1", nproc=2)
+    assert r.returncode != 0
+    assert r.stderr.count("the last 3 steps (train.max_bad_steps=3) had a NaN/Inf loss or gradient") == 1, r.stderr[-3000:]
+    assert " failed:\nTraceback" not in r.stderr  # a message, not a traceback (torchrun adds its own summary)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped"] for row in rows] == [0, 0, 1, 1, 1]
+    assert [row["skipped_steps"] for row in rows] == [0, 0, 1, 2, 3]
+    assert rows[2]["loss"] == rows[2]["loss"]  # the loss was fine, the gradient was not

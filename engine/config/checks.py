@@ -11,7 +11,7 @@ _AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size
                  "train.global_batch_size", "train.micro_batch_size", "train.log_interval")
 _POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std", "optim.lr",
              "optim.eps", "dist.timeout_s", "dist.abort_poll_s")
-_NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad")
+_NON_NEGATIVE = ("train.max_bad_steps", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad")
 _CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge"), "model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
             "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference"),
             "data.overflow": ("error", "truncate", "drop"),

@@ -133,6 +133,9 @@ class TrainConfig:
     """bf16 parameters and activations with fp32 master weights."""
     log_interval: int = 1
     """Log metrics every this many steps."""
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is NaN/Inf is skipped (no update) and counted; after this
+    many consecutive skipped steps the run stops with an error (0: never stop)."""
     recompute: str = "none"
     """Activation checkpointing: "none", "full" (recompute each layer in backward), "selective"
     (recompute attention's core only) or "attention-cached" (keep attention's output and lse,

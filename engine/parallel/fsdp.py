@@ -107,6 +107,10 @@ class FSDPState:
         for group in self.adam.param_groups:
             group["lr"] = lr
         self.adam.step()
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop this step's gradients (after the update, or for a skipped step)."""
         for p in self.params:
             p.grad = None
 

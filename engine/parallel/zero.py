@@ -140,6 +140,12 @@ class ZeroState:
                 b.master.grad = None
         self._attach_grads()
 
+    def discard(self) -> None:
+        """Drop this step's gradients (a skipped step)."""
+        for b in self.buckets:
+            b.master.grad = None
+        self._attach_grads()
+
     def full_grads(self) -> list[torch.Tensor]:
         """The reduced (and clipped) fp32 gradients as whole local tensors aligned with
         ``params``, all-gathered from the shards: for tests and inspection, not for training."""
