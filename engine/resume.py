@@ -80,7 +80,14 @@ def find_resume(cfg) -> str | None:
 
 def load_training_checkpoint(model, opt, mesh, where: str) -> int:
     """Restore everything saved by :func:`save_training_checkpoint`; returns the step to start at."""
-    state = torch.load(os.path.join(where, STATE_FILE), weights_only=False, map_location="cpu")
+    path = os.path.join(where, STATE_FILE)
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a truncated or overwritten file fails in many ways
+        from convert.megatron_io import CheckpointError
+
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); resume from an earlier "
+                              f"checkpoint (train.resume=PATH)") from e
     with opt.full_weights(writeback=True):
         for chunk in model:
             load_weights(chunk, where)

@@ -166,7 +166,8 @@ def finish(model, opt, mesh, cfg) -> None:
             print(f"saved checkpoint {where}", flush=True)
     if ck.export_hf:
         tokenizer = cfg.data.tokenizer or (os.path.join(cfg.model.load, "hf") if cfg.model.load else None)
-        export_hf(model, mesh, ck.export_hf, tokenizer_from=tokenizer)
+        with opt.full_weights():  # FSDP2 holds dp×cp shards between steps
+            export_hf(model, mesh, ck.export_hf, tokenizer_from=tokenizer)
         if mesh.rank == 0:
             print(f"exported Hugging Face model to {ck.export_hf}", flush=True)
 

@@ -211,10 +211,6 @@ def _check_optim(cfg: Config) -> None:
         raise ConfigError("optim.sharding=fsdp2 with train.bf16=true keeps fp32 parameter shards (the masters), "
                           "but pipeline stages size their bf16 activation buffers from the parameter dtype; "
                           "use parallel.pp=1 or optim.sharding=zero1")
-    if o.sharding == "fsdp2" and cfg.checkpoint.export_hf:
-        raise ConfigError("checkpoint.export_hf with optim.sharding=fsdp2 is not supported yet (the export "
-                          "must run inside MeshOptimizer.full_weights()); use optim.sharding=zero1, or export "
-                          "the final checkpoint with meshtron-convert")
 
 
 def _check_paths(cfg: Config) -> None:
