@@ -17,6 +17,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "convert", "convert.*"]),
+    package_data={"engine.flexsp": ["defaults/*.json"]},  # the FlexSP cost model's device files
     # torch: a range that the CPU 2.13 build and the GPU machines' 2.11 CUDA build both satisfy;
     # capped below 2.14, whose only wheel here is a multi-GB CUDA build.
     install_requires=[
