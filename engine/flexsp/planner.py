@@ -5,25 +5,20 @@ splits range(N) into aligned blocks of sizes 2^i (``Group(start, size, seqs)``, 
 and gives every sequence of the step to exactly one group, with Σ lengths / size ≤ the token limit
 per rank (memory). The predicted step time is Σ over rounds of the slowest group (CostModel).
 
-1. Rounds: the fewest micro-batches whose token totals fit N × max_tokens_per_rank (found by
-   balancing predicted work under that capacity), and a couple more (FlexSP tries a few counts).
-2. Buckets: dynamic programming over the sorted lengths into ``buckets`` contiguous buckets,
-   minimising the padding to each bucket's longest length, measured in one-rank seconds (so the
-   rare long sequences, whose cost is quadratic, get buckets of their own); the padded tokens over
-   the real ones are reported as ``Plan.bucket_error``.
-3. Per round a MILP (scipy.optimize.milp / HiGHS): a binary "used" per candidate group slot of
-   every size 2^i (up to N / 2^i slots), an integer count of each bucket per slot; Σ sizes ≤ N,
-   every bucket placed, tokens per slot ≤ size × limit, slot time ≤ C; minimise the makespan C.
-   A bucket is admitted to a size that holds its longest sequence; its count costs the members'
-   mean tokens and mean time (sums are exact on average). Counts of buckets too short to matter
-   (< 2 % of the lower bound) are continuous. Slots of a size are used in order (symmetry); C is
-   bounded above by the greedy plan (only better plans matter) and below by work / N.
-4. Bucket counts back to sequences, longest first: to the slot owing that bucket whose projected
-   time is least (real lengths, memory checked); the MILP's layout is also re-scheduled by LPT.
-5. Greedy (fallback, ``solver="greedy"``, and the MILP's upper bound): earliest-finish LPT over
+1. Rounds: the fewest micro-batches whose token totals fit N × max_tokens_per_rank (balancing
+   predicted work under that capacity), and a couple more (FlexSP tries a few counts).
+2. Buckets: DP over the sorted lengths into ``buckets`` contiguous buckets, minimising the padding
+   to each bucket's longest length in one-rank seconds (rare long sequences, quadratic in cost,
+   get buckets of their own); padded / real tokens is ``Plan.bucket_error``.
+3. Per round a MILP (scipy.optimize.milp / HiGHS, :func:`milp_round`): group slots of every size
+   2^i used or not, integer counts of each bucket per slot, Σ sizes ≤ N, memory per slot, slot
+   time ≤ C; minimise the makespan C, bounded above by the greedy plan and below by work / N.
+4. Counts back to sequences, longest first, to the owing slot whose projected time is least (real
+   lengths, memory checked); the MILP's layout is also re-scheduled by LPT.
+5. Greedy (fallback, ``solver="greedy"``, and the MILP's bound): earliest-finish LPT over
    candidate layouts (every uniform size; "tail" layouts giving each long sequence the smallest
-   group that finishes it by a target time and the rest groups of a base size), then split/merge
-   moves on the best layout while they help. Deterministic.
+   group that finishes it by a target time, the rest groups of a base size), then split/merge
+   moves while they help. Deterministic.
 
 Per round the better of the MILP and the greedy plan (by predicted time on the real lengths) is
 kept. A time-limited MILP is not reproducible across processes: plan on one rank and broadcast.
@@ -38,8 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-MIN_SOLVE_S = 0.05
-"""A MILP solve given less time than this is not started (HiGHS needs that much to build it)."""
+MIN_SOLVE_S = 0.05  # a MILP solve given less time than this is not started (HiGHS needs that much)
 
 
 @dataclass
@@ -155,13 +149,10 @@ class _Round:
         self.lens = np.asarray([lengths[i] for i in idx], dtype=np.float64)
         self.reps = np.asarray([bucketed[i] for i in idx], dtype=np.float64)
         self.beta = np.array([cost.overhead(d) for d in self.sizes])
-        self.times = np.stack([cost.seq_times(self.lens, d) for d in self.sizes], axis=1) if len(idx) else \
-            np.zeros((0, len(self.sizes)))
+        self.times = np.stack([cost.seq_times(self.lens, d) for d in self.sizes], axis=1)  # [sequence, size]
         self.order = sorted(range(len(idx)), key=lambda i: (-self.lens[i], i))
         self.min_size = [next(k for k, d in enumerate(self.sizes) if self.lens[i] <= d * cap) for i in range(len(idx))]
-        # buckets of this round: a group size admits a bucket if it holds the bucket's longest
-        # sequence; tokens and times of a count of a bucket are count × its members' means
-        # (both add up, so the MILP is exact on average; handing out real sequences checks memory)
+        # this round's buckets for the MILP: longest length, count, mean tokens, mean time per size
         self.bucket_len, self.bucket = np.unique(self.reps, return_inverse=True)
         self.bucket_count = np.bincount(self.bucket, minlength=len(self.bucket_len))
         nb, count = len(self.bucket_len), np.maximum(self.bucket_count, 1)
@@ -191,17 +182,6 @@ class _Round:
         return max((self.times[m, j].sum() + self.beta[j] for j, m in groups if m), default=0.0)
 
 
-def _uniform(k: int, n_ranks: int) -> list[int]:
-    return [k] * (n_ranks >> k)
-
-
-def _fill(counts: dict, rest: int) -> None:
-    """Cover ``rest`` ranks with power-of-two groups (binary decomposition)."""
-    for k in range(rest.bit_length()):
-        if rest >> k & 1:
-            counts[k] = counts.get(k, 0) + 1
-
-
 def _tail_layouts(rnd: _Round) -> list[list[int]]:
     """Layouts giving each long sequence the smallest group that finishes it by a target time T,
     the remaining ranks groups of a base size, for a few T and every base size."""
@@ -226,8 +206,9 @@ def _tail_layouts(rnd: _Round) -> list[list[int]]:
             if used > n:
                 continue
             counts[base] = counts.get(base, 0) + (n - used) // rnd.sizes[base]
-            _fill(counts, (n - used) % rnd.sizes[base])
-            layouts.append(sorted((k for k, c in counts.items() for _ in range(c)), reverse=True))
+            rest = (n - used) % rnd.sizes[base]  # covered by its binary decomposition
+            layout = [k for k, c in counts.items() for _ in range(c)] + [k for k in range(K) if rest >> k & 1]
+            layouts.append(sorted(layout, reverse=True))
     return layouts
 
 
@@ -235,13 +216,9 @@ def greedy_round(rnd: _Round, max_moves: int = 40):
     """Best LPT schedule over candidate layouts, then split/merge moves while they help; returns
     ((size index, member positions) per group, makespan)."""
     K, best, best_span = len(rnd.sizes), None, math.inf
-    seen = set()
-    for layout in [_uniform(k, rnd.n_ranks) for k in range(K)] + _tail_layouts(rnd):
-        key = tuple(sorted(layout, reverse=True))
-        if key in seen:
-            continue
-        seen.add(key)
-        out = rnd.lpt(layout)
+    uniform = [(k,) * (rnd.n_ranks >> k) for k in range(K)]
+    for layout in dict.fromkeys(uniform + [tuple(t) for t in _tail_layouts(rnd)]):  # distinct, in order
+        out = rnd.lpt(list(layout))
         if out is not None and (s := rnd.span(out[0])) < best_span:
             best, best_span = out[0], s
     return climb(rnd, best, best_span, max_moves)
@@ -257,8 +234,8 @@ def climb(rnd: _Round, groups, span: float, max_moves: int = 40, deadline: float
         if time.perf_counter() > deadline:
             break
         counts = np.bincount(layout, minlength=K)
-        moves = [(k, k - 1, 1, 2) for k in range(1, K) if counts[k]] + [(k, k + 1, 2, 1) for k in range(K - 1)
-                                                                        if counts[k] >= 2]
+        moves = [(k, k - 1, 1, 2) for k in range(1, K) if counts[k]]             # split a group in halves
+        moves += [(k, k + 1, 2, 1) for k in range(K - 1) if counts[k] >= 2]    # merge two equal groups
         improved = None
         for src, dst, take, give in moves:
             c = counts.copy()
@@ -276,13 +253,13 @@ def climb(rnd: _Round, groups, span: float, max_moves: int = 40, deadline: float
 
 # -- one round: MILP -------------------------------------------------------------------------------
 def milp_round(rnd: _Round, time_limit: float, upper: float = math.inf, relax: float = 0.02, gap: float = 1e-3):
-    """The round's MILP on buckets (see module doc); returns (groups, status) with groups as
-    (size index, member positions), or (None, status) when no solution came back in time.
-
-    Counts of buckets whose sequences take under ``relax`` × the lower bound even on one rank are
-    continuous (their integrality cannot move the makespan by more than that, and it is what makes
-    the model hard); they are rounded when sequences are handed out. ``gap``: HiGHS's relative
-    optimality gap."""
+    """The round's MILP; returns (groups as (size index, member positions), status), groups None
+    when no solution came back in time. A size admits a bucket if it holds the bucket's longest
+    sequence; a count of a bucket costs its members' mean tokens and mean time (exact on average).
+    Slots of a size are used in order (symmetry); Σ d·time ≤ N·C tightens the relaxation. Counts of
+    buckets under ``relax`` × the lower bound even on one rank are continuous (integrality there
+    moves C by less, and it is what makes the model hard); handing out sequences rounds them.
+    ``gap``: HiGHS's relative optimality gap."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
@@ -302,13 +279,11 @@ def milp_round(rnd: _Round, time_limit: float, upper: float = math.inf, relax: f
     nv = 1 + S + len(pairs)
     rows, cols, vals, lo, hi = [], [], [], [], []
 
-    def row(entries, lb, ub):
-        for col, v in entries:
-            rows.append(len(lo))
-            cols.append(col)
-            vals.append(v)
-        lo.append(lb)
-        hi.append(ub)
+    def row(entries, lb, ub):  # one constraint lb ≤ Σ v·x[col] ≤ ub
+        rows.extend([len(lo)] * len(entries))
+        cols.extend(col for col, _ in entries)
+        vals.extend(v for _, v in entries)
+        lo.append(lb), hi.append(ub)
 
     by_slot, by_bucket = [[] for _ in range(S)], [[] for _ in range(B)]
     for p, (s, b) in enumerate(pairs):
@@ -328,17 +303,16 @@ def milp_round(rnd: _Round, time_limit: float, upper: float = math.inf, relax: f
     ub_x = [min(need[b], math.floor(rnd.sizes[slots[s]] * cap / mean_len[b])) for s, b in pairs]
     bounds = Bounds([lower] + [0] * (nv - 1), [upper] + [1] * S + ub_x)
     integrality = np.array([0] + [1] * S + [0 if small[b] else 1 for _, b in pairs])
-    objective = np.zeros(nv)
-    objective[0] = 1.0
+    objective = np.eye(1, nv)[0]  # minimise C
     A = coo_matrix((vals, (rows, cols)), shape=(len(lo), nv)).tocsr()
     res = milp(objective, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=bounds,
                options={"time_limit": max(0.01, time_limit), "mip_rel_gap": gap, "disp": False})
     if res.x is None:
         return None, f"milp: no solution ({res.message.split('(')[0].strip()})"
-    quota = {}
-    for p, (s, b) in enumerate(pairs):
-        if res.x[1 + S + p] > 1e-6:
-            quota.setdefault(s, {})[b] = float(res.x[1 + S + p])
+    quota = {}  # slot -> {bucket: count}
+    for (s, b), x in zip(pairs, res.x[1 + S:]):
+        if x > 1e-6:
+            quota.setdefault(s, {})[b] = float(x)
     groups = _fill_quotas(rnd, slots, quota)
     state = "optimal" if res.status == 0 else "time limit"
     state += "" if groups is not None else ", counts do not fit the real lengths"
@@ -380,11 +354,7 @@ def _fill_quotas(rnd: _Round, slots, quota):
 def _place(rnd: _Round, groups) -> list[Group]:
     """Aligned blocks: non-empty groups largest first (then slowest first) from rank 0, the ranks
     left covered by empty groups of the largest aligned sizes."""
-    def key(g):
-        j, m = g
-        return -j, -float(rnd.times[m, j].sum()), min(m)
-
-    used = sorted((g for g in groups if g[1]), key=key)
+    used = sorted((g for g in groups if g[1]), key=lambda g: (-g[0], -float(rnd.times[g[1], g[0]].sum()), min(g[1])))
     out, start = [], 0
     for j, m in used:
         size = rnd.sizes[j]
@@ -401,8 +371,7 @@ def _place(rnd: _Round, groups) -> list[Group]:
 
 def _check_inputs(lengths, num_ranks, solver, buckets, time_limit, cap):
     if not isinstance(num_ranks, (int, np.integer)) or num_ranks < 1 or num_ranks & (num_ranks - 1):
-        raise ValueError(f"num_ranks={num_ranks} must be a power of two >= 1 "
-                         "(the dp×cp pool of parallel.sp_mode=flexsp)")
+        raise ValueError(f"num_ranks={num_ranks} must be a power of two >= 1 (the dp×cp pool)")
     if solver not in ("milp", "greedy"):
         raise ValueError(f"solver={solver!r}: expected 'milp' or 'greedy' (flexsp.solver)")
     if not isinstance(buckets, (int, np.integer)) or buckets < 1:
@@ -461,7 +430,9 @@ def plan_step(lengths, num_ranks: int, cost, *, max_hp: int | None = None, bucke
                 if groups is None:  # no MILP solution, or its counts do not map onto the real lengths
                     continue
                 # the MILP's plan, and its layout re-scheduled by LPT and improved by moves
-                for cand, span in ((groups, rnd.span(groups)), _from_layout(rnd, groups, start + share)):
+                again = rnd.lpt([j for j, _ in groups])
+                again = climb(rnd, again[0], rnd.span(again[0]), deadline=start + share) if again else (None, 0)
+                for cand, span in ((groups, rnd.span(groups)), again):
                     if cand is not None and span < plans[r][1] * (1 - 1e-9):
                         plans[r], sources[r] = (cand, span), "milp"
             option[0] = sum(span for _, span in plans)
@@ -473,15 +444,6 @@ def plan_step(lengths, num_ranks: int, cost, *, max_hp: int | None = None, bucke
     return Plan(micro_batches, float(total), "milp" if "milp" in sources else "greedy", time.perf_counter() - t0,
                 bucket_error=error, round_times=[float(span) for _, span in plans],
                 status=f"{len(rounds)} rounds; " + ("; ".join(notes) if notes else "greedy"))
-
-
-def _from_layout(rnd: _Round, groups, deadline: float):
-    """LPT on the MILP's group sizes, then split/merge moves until ``deadline``: (groups,
-    makespan) or (None, inf)."""
-    out = rnd.lpt([j for j, _ in groups])
-    if out is None:
-        return None, math.inf
-    return climb(rnd, out[0], rnd.span(out[0]), deadline=deadline)
 
 
 def _bucketed_span(rnd: _Round, groups) -> float:
