@@ -315,6 +315,27 @@ def test_validate_360lf_table_and_exit_code():
     assert out.returncode == (0 if all(r["ok"] for r in rows) else 1)
 
 
+def test_360lf_components_exact():
+    """The ZeRO-3 terms of the 360-LF model count real parameters: layers + embedding + lm_head + final
+    norm equal the Qwen2.5 checkpoints' published parameter counts (safetensors totals), and the
+    persistent set (numel < 10·h, DeepSpeed's "auto" stage3_param_persistence_threshold) is every
+    RMSNorm weight and q/k/v bias. The loss phase's per-token slope is exactly 14·V (SFT) or 2·22·V
+    (DPO, chosen + rejected) plus the kept checkpoints."""
+    published = {"qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664, "qwen2.5-72b": 72_706_203_648}
+    for name, count in published.items():
+        m = KNOWN_MODELS[name]
+        h, V, L, d, G = m.hidden_size, m.vocab_size, m.num_layers, m.head_dim, m.num_query_groups
+        assert lf360.layer_params(m) * L + 2 * V * h + h == count
+        assert lf360.persistent_params(m) == L * (3 * h + 2 * G * d) + h
+        for recipe, coeff in (("sft", 14), ("dpo", 2 * 22)):
+            slope = lf360.phases(m, recipe, 1001)["loss"] - lf360.phases(m, recipe, 1000)["loss"]
+            kept = (2 * h * L + 4 * d + 8 * h) * (2 if recipe == "dpo" else 1)
+            assert slope == coeff * V + kept
+    rows = lf360.validate()
+    assert [r["example_setting"] for r in rows] == [r["recipe"] == "dpo" and r["sp"] == 4 for r in rows]
+    assert "(a)" in run_cli("--validate-360lf").stdout
+
+
 def test_published_7b_dpo_pair_rules_out_any_per_rank_model():
     """A rank holds 2·cutoff_len/sp tokens of a pair, so a model in which memory depends on the tokens
     per rank (and not on sp itself) predicts cutoff(sp=8) = 2·cutoff(sp=4) on the same 8 GPUs. The
