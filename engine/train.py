@@ -46,7 +46,8 @@ def build_model(cfg, mesh, core_attention=None) -> torch.nn.ModuleList:
         for c, layers in enumerate(ranges):
             stage = c * mesh.pp + mesh.index("pp")
             chunks.append(GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention, layers=layers,
-                                   pre_process=stage == 0, post_process=stage == last))
+                                   pre_process=stage == 0, post_process=stage == last,
+                                   recompute=cfg.train.recompute))
     for chunk in chunks:
         if cfg.model.load:
             load_weights(chunk, cfg.model.load)

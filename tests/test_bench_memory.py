@@ -1,5 +1,7 @@
 """tools/bench_memory.py: the saved-bytes hook against a hand count, and the CLI end to end (small
-sizes, --check): exit 0, the table, and a JSON last line whose meshes all computed the same loss."""
+sizes, --check): exit 0, the table, and a JSON last line whose meshes all computed the same loss;
+per recompute mode (--recompute all, at cp = 1 and Ulysses cp = 2): every mode's figures scale with
+cp (within --check's 10 %), and on every mesh full < attention-cached < selective < none."""
 from __future__ import annotations
 
 import importlib.util
@@ -41,7 +43,7 @@ def test_cli_check_small():
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert any(line.split()[:4] == ["tp", "cp", "world", "tokens"] for line in lines), proc.stdout
+    assert any(line.split()[:5] == ["recompute", "tp", "cp", "world", "tokens"] for line in lines), proc.stdout
     assert any(line.startswith("check:") and line.endswith("ok") for line in lines), proc.stdout
     report = json.loads(lines[-1])
     rows = {(r["tp"], r["cp"]): r for r in report["rows"]}
@@ -50,4 +52,25 @@ def test_cli_check_small():
     assert len(rows[(2, 4)]["rank_bytes"]) == 8
     ref = rows[(1, 1)]["loss"]
     for row in rows.values():  # every mesh ran the same step (I-5), so the figures compare like with like
+        assert abs(row["loss"] - ref) <= 1e-5 * abs(ref), (row, ref)
+
+
+def test_cli_recompute_modes():
+    cmd = [sys.executable, str(TOOL), "--seq", "1024", "--layers", "2", "--hidden", "64", "--ffn", "128",
+           "--vocab", "256", "--tp", "1", "--cp", "1", "2", "--sp-mode", "ulysses", "--recompute", "all"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["recompute"] == ["none", "full", "selective", "attention-cached"]
+    rows = {(r["recompute"], r["cp"]): r for r in report["rows"]}
+    assert len(rows) == 8 and not report["skipped"]
+    for cp in (1, 2):
+        saved = [rows[(m, cp)]["max_bytes"] for m in ("full", "attention-cached", "selective", "none")]
+        assert saved == sorted(saved) and len(set(saved)) == 4, (cp, saved)
+        for mode in report["recompute"]:
+            assert rows[(mode, cp)]["vs_none"] == rows[(mode, cp)]["max_bytes"] / rows[("none", cp)]["max_bytes"]
+    for mode in report["recompute"]:  # each mode splits its activations over cp (--check's 10 %)
+        assert 0.5 <= rows[(mode, 2)]["ratio"] <= 0.5 * 1.10, (mode, rows[(mode, 2)]["ratio"])
+    ref = rows[("none", 1)]["loss"]
+    for row in rows.values():  # every mode and mesh ran the same step
         assert abs(row["loss"] - ref) <= 1e-5 * abs(ref), (row, ref)

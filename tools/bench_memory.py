@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
-"""Saved-activation memory per rank for tp × cp, against the ideal 1/(tp·cp).
+"""Saved-activation memory per rank for tp × cp and per recompute mode, against the ideal 1/(tp·cp).
 
-    python tools/bench_memory.py [--seq 8192] [--tp 1 2] [--cp 1 2 4] [--sp-mode ring] [--check]
+    python tools/bench_memory.py [--seq 8192] [--tp 1 2] [--cp 1 2 4] [--sp-mode ring]
+                                 [--recompute none full selective attention-cached | all] [--check]
 
-For every (tp, cp) with dp = 1, one micro-batch of ONE packed sequence of --seq tokens (a few
-long synthetic documents) goes forward under an autograd saved-tensors hook that adds up the bytes
-of every tensor saved for backward: each distinct storage once (a view of a saved storage costs
-nothing more), parameters and anything sharing their storage excluded. Backward then runs, so the
-graph is a real training step. Prints, per mesh, the largest figure over its ranks, its ratio to
-(tp=1, cp=1), the ideal 1/(tp·cp) and the deviation; the last line is the JSON of the figures.
+For every recompute mode (``train.recompute``) and every (tp, cp) with dp = 1, one micro-batch of
+ONE packed sequence of --seq tokens (a few long synthetic documents) goes forward under an autograd
+saved-tensors hook that adds up the bytes of every tensor saved for backward: each distinct storage
+once (a view of a saved storage costs nothing more), parameters and anything sharing their storage
+excluded. What a recomputed region keeps — its inputs, and attention-cached's attention output and
+lse — is packed through the same hooks, so it is counted; what the region would have saved is not
+(it is rebuilt in backward, one layer at a time). Backward then runs, so the graph is a real
+training step. Prints, per mode and mesh, the largest figure over its ranks, its ratio to
+(tp=1, cp=1) of the same mode, the ideal 1/(tp·cp) and the deviation, and the ratio to
+recompute=none on the same mesh; the last line is the JSON of the figures.
 Not ideal by construction: per-document padding to 2·cp (and the padding document), the rope
 tables, and whatever a layer saves at the full sequence length (``--top`` lists the sites).
 
-``--check`` exits 1 when the tp=1, cp=4 figure is more than ``--tol`` (10 %) above 1/4 of cp=1's.
+``--check`` exits 1 when, for any mode, the tp=1, cp=4 figure is more than ``--tol`` (10 %) above
+1/4 of cp=1's.
 """
 from __future__ import annotations
 
@@ -75,10 +81,13 @@ def _engine_frame() -> str:
     return "?"
 
 
-def make_cfg(args, tp: int, cp: int):
+MODES = ("none", "full", "selective", "attention-cached")
+
+
+def make_cfg(args, tp: int, cp: int, mode: str = "none"):
     from engine.config import load_config, validate
 
-    over = [f"parallel.tp={tp}", f"parallel.cp={cp}", "parallel.dp=1",
+    over = [f"parallel.tp={tp}", f"parallel.cp={cp}", "parallel.dp=1", f"train.recompute={mode}",
             f"parallel.sp_mode={args.sp_mode if cp > 1 else 'ring'}",
             f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
             f"model.num_attention_heads={args.heads}", f"model.num_query_groups={args.kv_heads}",
@@ -159,6 +168,8 @@ def parse_args(argv):
     ap.add_argument("--sp-mode", choices=("ring", "ulysses", "hybrid"), default="ring",
                     help="context-parallel attention for cp > 1")
     ap.add_argument("--hp", type=int, default=2, help="Ulysses degree inside cp with --sp-mode hybrid")
+    ap.add_argument("--recompute", nargs="+", default=["none"], choices=MODES + ("all",),
+                    help="train.recompute modes to measure ('all': every mode)")
     ap.add_argument("--max-world", type=int, default=8, help="skip meshes with tp·cp above this")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
@@ -170,10 +181,12 @@ def parse_args(argv):
     ap.add_argument("--top", type=int, default=0, metavar="N",
                     help="also list the N largest saved-tensor sites of each mesh's largest rank")
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 if tp=1 cp=4 saves more than (1 + tol)/4 of tp=1 cp=1")
+                    help="exit 1 if, for any mode, tp=1 cp=4 saves more than (1 + tol)/4 of tp=1 cp=1")
     ap.add_argument("--tol", type=float, default=0.10, help="tolerance of --check")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per mesh")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.recompute = list(MODES) if "all" in args.recompute else list(dict.fromkeys(args.recompute))
+    return args
 
 
 def main(argv=None) -> int:
@@ -188,56 +201,70 @@ def main(argv=None) -> int:
     meshes = [(tp, cp) for tp in sorted(set(args.tp)) for cp in sorted(set(args.cp))
               if tp * cp <= args.max_world]
     rows, skipped, sites = {}, {}, {}
-    bar = tqdm(meshes, desc="meshes", unit="mesh", file=sys.stderr)
-    for tp, cp in bar:
-        bar.set_postfix_str(f"tp={tp} cp={cp}")
+    runs = [(mode, tp, cp) for mode in args.recompute for tp, cp in meshes]
+    bar = tqdm(runs, desc="meshes", unit="mesh", file=sys.stderr)
+    for mode, tp, cp in bar:
+        bar.set_postfix_str(f"{mode} tp={tp} cp={cp}")
         try:
-            cfg = make_cfg(args, tp, cp)
+            cfg = make_cfg(args, tp, cp, mode)
         except ConfigError as e:
-            skipped[(tp, cp)] = str(e)
+            skipped[(mode, tp, cp)] = str(e)
             continue
         t0 = time.perf_counter()
         ranks = run_mesh(cfg, args.top, args.timeout)
         worst = max(ranks, key=lambda r: r["bytes"])
-        rows[(tp, cp)] = {"tp": tp, "cp": cp, "world": tp * cp, "max_bytes": worst["bytes"],
-                          "rank_bytes": [r["bytes"] for r in ranks], "rank_tokens": worst["tokens"],
-                          "loss": ranks[0]["loss"], "seconds": round(time.perf_counter() - t0, 2)}
-        sites[(tp, cp)] = worst["sites"]
+        rows[(mode, tp, cp)] = {"recompute": mode, "tp": tp, "cp": cp, "world": tp * cp,
+                                "max_bytes": worst["bytes"], "rank_bytes": [r["bytes"] for r in ranks],
+                                "rank_tokens": worst["tokens"], "loss": ranks[0]["loss"],
+                                "seconds": round(time.perf_counter() - t0, 2)}
+        sites[(mode, tp, cp)] = worst["sites"]
     bar.close()
-    if (1, 1) not in rows:
-        print("the (tp=1, cp=1) reference did not run: " + skipped.get((1, 1), "not requested"),
-              file=sys.stderr)
+    missing = [m for m in args.recompute if (m, 1, 1) not in rows]
+    if missing:
+        why = {m: skipped.get((m, 1, 1), "not requested") for m in missing}
+        print(f"the (tp=1, cp=1) reference did not run for {why}", file=sys.stderr)
         return 2
-    base = rows[(1, 1)]["max_bytes"]
+    base = {m: rows[(m, 1, 1)]["max_bytes"] for m in args.recompute}
     print(f"saved activations per rank: one sequence of {args.seq} tokens, sp_mode={args.sp_mode}, "
           f"{args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, "
           f"vocab {args.vocab}, {'bf16' if args.bf16 else 'fp32'}")
-    print(f"{'tp':>3} {'cp':>3} {'world':>5} {'tokens':>7} {'max MiB':>9} {'ratio':>7} {'ideal':>7} "
-          f"{'vs ideal':>9} {'loss':>10}")
-    for (tp, cp), row in rows.items():
-        row["ratio"] = row["max_bytes"] / base
+    print(f"{'recompute':<16} {'tp':>3} {'cp':>3} {'world':>5} {'tokens':>7} {'max MiB':>9} {'ratio':>7} "
+          f"{'ideal':>7} {'vs ideal':>9} {'vs none':>8} {'loss':>10}")
+    for (mode, tp, cp), row in rows.items():
+        row["ratio"] = row["max_bytes"] / base[mode]
         row["ideal"] = 1.0 / (tp * cp)
         row["deviation_pct"] = 100.0 * (row["ratio"] / row["ideal"] - 1.0)
-        print(f"{tp:>3} {cp:>3} {tp * cp:>5} {row['rank_tokens']:>7} {row['max_bytes'] / MIB:>9.2f} "
-              f"{row['ratio']:>7.4f} {row['ideal']:>7.4f} {row['deviation_pct']:>+8.2f}% "
+        none = rows.get(("none", tp, cp))
+        row["vs_none"] = row["max_bytes"] / none["max_bytes"] if none else None
+        vs_none = f"{row['vs_none']:>8.4f}" if none else f"{'-':>8}"
+        print(f"{mode:<16} {tp:>3} {cp:>3} {tp * cp:>5} {row['rank_tokens']:>7} {row['max_bytes'] / MIB:>9.2f} "
+              f"{row['ratio']:>7.4f} {row['ideal']:>7.4f} {row['deviation_pct']:>+8.2f}% {vs_none} "
               f"{row['loss']:>10.6f}")
-    for (tp, cp), why in skipped.items():
-        print(f"{tp:>3} {cp:>3} skipped: {why}")
-    for (tp, cp), top in sites.items():
+    for (mode, tp, cp), why in skipped.items():
+        print(f"{mode:<16} {tp:>3} {cp:>3} skipped: {why}")
+    for (mode, tp, cp), top in sites.items():
         if top:
-            print(f"\nlargest saved-tensor sites, tp={tp} cp={cp}, rank with the most bytes "
+            print(f"\nlargest saved-tensor sites, recompute={mode} tp={tp} cp={cp}, rank with the most bytes "
                   f"(MiB, number of distinct storages, dtype, saved shape [of its base], saving line):")
             for nbytes, count, where, shape, dtype in top:
                 print(f"  {nbytes / MIB:9.3f} MiB  {count:>3}×  {dtype:<8} {shape:<30} {where}")
     status = 0
     if args.check:
-        got, limit = rows[(1, 4)]["max_bytes"], (1 + args.tol) * base / 4
-        ok = got <= limit
-        print(f"check: tp=1 cp=4 saves {got / MIB:.2f} MiB, limit (1 + {args.tol:g})·cp1/4 = "
-              f"{limit / MIB:.2f} MiB: {'ok' if ok else 'FAILED'}")
-        status = 0 if ok else 1
-    print(json.dumps({"seq": args.seq, "sp_mode": args.sp_mode, "base_bytes": base, "rows": list(rows.values()),
-                      "skipped": {f"tp={t} cp={c}": w for (t, c), w in skipped.items()}}))
+        for mode in args.recompute:
+            if (mode, 1, 4) not in rows:
+                print(f"check: recompute={mode} tp=1 cp=4 did not run: "
+                      f"{skipped.get((mode, 1, 4), 'not requested')}")
+                status = 1
+                continue
+            got, limit = rows[(mode, 1, 4)]["max_bytes"], (1 + args.tol) * base[mode] / 4
+            ok = got <= limit
+            print(f"check: recompute={mode} tp=1 cp=4 saves {got / MIB:.2f} MiB, limit (1 + {args.tol:g})·cp1/4 = "
+                  f"{limit / MIB:.2f} MiB: {'ok' if ok else 'FAILED'}")
+            status = status if ok else 1
+    print(json.dumps({"seq": args.seq, "sp_mode": args.sp_mode, "recompute": args.recompute,
+                      "base_bytes": base[args.recompute[0]], "base_bytes_by_mode": base,
+                      "rows": list(rows.values()),
+                      "skipped": {f"recompute={m} tp={t} cp={c}": w for (m, t, c), w in skipped.items()}}))
     return status
 
 

@@ -34,9 +34,10 @@ class Embedding(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg, mesh, dtype, core_attention, num_layers: int, final_norm: bool):
+    def __init__(self, cfg, mesh, dtype, core_attention, num_layers: int, final_norm: bool, recompute: str):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, dtype, core_attention, i) for i in range(num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, dtype, core_attention, i, recompute)
+                                    for i in range(num_layers))
         if final_norm:
             self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
 
@@ -50,11 +51,12 @@ class GPTModel(nn.Module):
     previous stage's hidden states ``[t, h]`` otherwise; the last stage returns this tp rank's
     vocabulary slice of the logits ``[T, padded_vocab / tp]``, the others hidden states. With tied
     embeddings split over stages the last stage holds a copy, ``output_layer.weight``, whose
-    gradient is summed with the embedding's (Megatron's embedding group).
+    gradient is summed with the embedding's (Megatron's embedding group). ``recompute``: what each
+    layer keeps for backward (``train.recompute``; engine/model/recompute.py).
     """
 
     def __init__(self, cfg, mesh, dtype=torch.float32, core_attention=None, layers: range | None = None,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True, recompute: str = "none"):
         super().__init__()
         self.cfg, self.mesh = cfg, mesh
         layers = range(cfg.num_layers) if layers is None else layers
@@ -63,7 +65,7 @@ class GPTModel(nn.Module):
         if pre_process:
             self.embedding = Embedding(self.padded_vocab, cfg, mesh, dtype)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
-        self.decoder = Decoder(cfg, mesh, dtype, core_attention, len(layers), post_process)
+        self.decoder = Decoder(cfg, mesh, dtype, core_attention, len(layers), post_process, recompute)
         self.shares_embedding = post_process and cfg.tie_word_embeddings and not pre_process
         if post_process and (not cfg.tie_word_embeddings or self.shares_embedding):
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, mesh.group("tp"),

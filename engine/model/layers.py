@@ -1,9 +1,14 @@
 """Transformer building blocks of the Llama / Qwen2 / Mistral family, megatron-core names.
 
 Legend: T tokens of the micro-batch (all tp ranks), t = T/tp this rank's token slice under
-sequence parallelism, H query heads, G KV heads, D head dim, h hidden size.
-Attention and MLP take ``x_th`` (a token slice) and return a token slice; inside, the
+sequence parallelism, H query heads, G KV heads, D head dim, h hidden size, F ffn size (of this
+tp rank). Attention and MLP take ``x_th`` (a token slice) and return a token slice; inside, the
 column-parallel linears see all T tokens and a 1/tp share of the heads or features.
+
+RMSNorm, the QKV split with RoPE and SwiGLU are small autograd functions rather than chains of
+torch ops: each saves one tensor (or none) for backward where autograd would save three or four,
+and writes its gradient into one buffer instead of letting autograd sum zero-filled slices. What
+a layer keeps for backward beyond that is decided by ``recompute`` (engine/model/recompute.py).
 """
 from __future__ import annotations
 
@@ -14,7 +19,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.kernels.attention import _LocalAttention, local_attention
+from engine.model import recompute as rc
 from engine.parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark_tp
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``w · (x / rms(x))`` normalised in fp32 and cast to x's dtype before the weight (the order
+    of transformers' Llama); saves x and the fp32 ``rstd [.., 1]``, and rebuilds x/rms(x) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        y32 = x.float() * rstd
+        dw = (grad * y32.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        dy32 = (grad * weight).float()
+        dx = (dy32 - y32 * (dy32 * y32).mean(-1, keepdim=True)).mul_(rstd)
+        return dx.to(x.dtype), dw, None
 
 
 class RMSNorm(nn.Module):
@@ -26,8 +53,7 @@ class RMSNorm(nn.Module):
         self.weight = mark_tp(nn.Parameter(torch.ones(hidden, dtype=dtype)), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
 
 def rotary_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -46,7 +72,9 @@ def rotary_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for per-token positions (I-3: a token's position within its document)."""
+    """cos/sin tables ``[T, D/2]`` for per-token positions (I-3: a token's position within its
+    document). Dimension i and i + D/2 of a head form a rotated pair with the same frequency, so
+    one half-table serves both halves."""
 
     def __init__(self, head_dim: int, base: float, scaling: dict | None):
         super().__init__()
@@ -54,14 +82,48 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         freqs = position_ids.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def apply_rotary(x_THD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x_THD.shape[-1] // 2
-    rotated = torch.cat([-x_THD[..., half:], x_THD[..., :half]], dim=-1)
-    return x_THD * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, inverse: bool = False):
+    """``out = (x1·c − x2·s, x2·c + x1·s)`` of the halves ``(x1, x2)`` of the last dim (RoPE), or
+    the inverse rotation (its transpose: the backward); ``out`` may be a strided view."""
+    half = x.shape[-1] // 2
+    sign = 1.0 if inverse else -1.0
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=-sign)
+
+
+class _QKVRope(torch.autograd.Function):
+    """The fused ``linear_qkv`` output ``[T, G·(H/G + 2)·D]`` (rows grouped per KV group: the
+    group's query heads, its key, its value) → ``q [T, H, D]``, ``k [T, G, D]``, ``v [T, G, D]``
+    (new contiguous tensors), q and k rotated. RoPE is a rotation, so its backward is the inverse
+    rotation of the gradient: only the shared cos/sin tables are saved."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, num_groups: int, head_dim: int):
+        t = qkv.shape[0]
+        x = qkv.view(t, num_groups, -1, head_dim)
+        per_group = x.shape[2] - 2
+        q = torch.empty((t, num_groups, per_group, head_dim), dtype=qkv.dtype, device=qkv.device)
+        k = torch.empty((t, num_groups, head_dim), dtype=qkv.dtype, device=qkv.device)
+        _rotate(x[:, :, :per_group], cos[:, None, None], sin[:, None, None], q)
+        _rotate(x[:, :, per_group], cos[:, None], sin[:, None], k)
+        v = x[:, :, per_group + 1].clone(memory_format=torch.contiguous_format)
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = x.shape
+        return q.view(t, num_groups * per_group, head_dim), k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        t, g, rows, d = ctx.shape
+        dqkv = torch.empty(ctx.shape, dtype=dq.dtype, device=dq.device)
+        _rotate(dq.reshape(t, g, rows - 2, d), cos[:, None, None], sin[:, None, None], dqkv[:, :, :rows - 2], True)
+        _rotate(dk, cos[:, None], sin[:, None], dqkv[:, :, rows - 2], True)
+        dqkv[:, :, rows - 1] = dv
+        return dqkv.view(t, -1), None, None, None, None
 
 
 class SelfAttention(nn.Module):
@@ -83,30 +145,54 @@ class SelfAttention(nn.Module):
                                                bias=cfg.add_qkv_bias, dtype=dtype)
         self.linear_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
                                              tp_group, tp, dtype=dtype)
-        self.core_attention = core_attention or _local_core_attention
+        self.core_attention = core_attention
 
     def forward(self, x_th: torch.Tensor, rope, batch) -> torch.Tensor:
-        qkv = self.linear_qkv(x_th)
-        per_group = self.num_heads // self.num_groups
-        qkv = qkv.view(qkv.shape[0], self.num_groups, per_group + 2, self.head_dim)
-        q = qkv[:, :, :per_group].reshape(qkv.shape[0], self.num_heads, self.head_dim)
-        k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache, v = getattr(batch, "cache", None), v.contiguous()
+        return self.linear_proj(self.attend(x_th, rope, batch))
+
+    def attend(self, x_th: torch.Tensor, rope, batch, region: rc.Region | None = None) -> torch.Tensor:
+        """The attention output ``[T, H·D]`` before ``linear_proj``. ``region``: the recompute
+        region this runs in (it replays the Seq1F1B cache and, for attention-cached, keeps or
+        returns the attention's out and lse)."""
+        q, k, v = _QKVRope.apply(self.linear_qkv(x_th), *rope, self.num_groups, self.head_dim)
+        keep = region if region is not None and region.keeps_attention else None
+        cache = getattr(batch, "cache", None)
         if cache is not None and cache.cp_group is None:  # Seq1F1B unit: keys of earlier units too
-            k, v = cache.extend(self.layer_id, k, v)
+            k, v = rc.extend_cache(cache, self.layer_id, k, v, region)
             out = _LocalAttention.apply(q, k[batch.k_start:], v[batch.k_start:], batch.cu_seqlens,
-                                        batch.cu_seqlens_k, True, None)
-        elif cache is not None:  # Seq1F1B unit under context parallelism: the prefix joins the ring
-            out = self.core_attention(q, k, v, batch, cache.prefix(self.layer_id, batch.unit, k, v))
-        else:
-            out = self.core_attention(q, k, v, batch)
-        return self.linear_proj(out.reshape(out.shape[0], -1))
+                                        batch.cu_seqlens_k, True, None, keep)
+        else:  # (a Seq1F1B unit under context parallelism: the prefix joins the ring)
+            prefix = None if cache is None else rc.cache_prefix(cache, self.layer_id, batch.unit, k, v, region)
+            if self.core_attention is None:
+                out = local_attention(q, k, v, batch.cu_seqlens, causal=True, keep=keep)
+            elif keep is not None:
+                out = rc.kept_core_attention(self.core_attention, q, k, v, batch, prefix, keep)
+            elif prefix is not None:
+                out = self.core_attention(q, k, v, batch, prefix)
+            else:
+                out = self.core_attention(q, k, v, batch)
+        return out.reshape(out.shape[0], -1)
 
 
-def _local_core_attention(q, k, v, batch, prefix=None):
-    return local_attention(q, k, v, batch.cu_seqlens, causal=True)
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) · up`` of the fused ``linear_fc1`` output ``[T, 2F]`` (``[gate; up]``): saves
+    that output only (silu(gate) is rebuilt in backward) and returns ``d[gate; up]`` as one tensor."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        d = torch.empty_like(gate_up)
+        d_gate, d_up = d.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return d
 
 
 class MLP(nn.Module):
@@ -120,18 +206,35 @@ class MLP(nn.Module):
         self.linear_fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp_group, tp, dtype=dtype)
 
     def forward(self, x_th: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear_fc1(x_th).chunk(2, dim=-1)
-        return self.linear_fc2(F.silu(gate) * up)
+        return self.linear_fc2(_SwiGLU.apply(self.linear_fc1(x_th)))
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0):
+    """Pre-norm attention and MLP blocks with residuals; ``recompute`` (one of
+    :data:`~engine.model.recompute.MODES`) picks what is kept for backward and what runs again."""
+
+    def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0, recompute: str = "none"):
         super().__init__()
+        rc.check_mode(recompute)
+        self.recompute = recompute
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
         self.self_attention = SelfAttention(cfg, mesh, dtype, core_attention, layer_id)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
         self.mlp = MLP(cfg, mesh, dtype)
 
     def forward(self, x_th, rope, batch):
-        x_th = x_th + self.self_attention(self.input_layernorm(x_th), rope, batch)
+        mode = self.recompute
+        if mode == "none" or not torch.is_grad_enabled():
+            return self._block(x_th, rope, batch)
+        if mode == "selective":  # the attention block up to linear_proj runs again in backward
+            out = rc.checkpoint(self._attend, x_th, rope, batch)
+            x_th = x_th + self.self_attention.linear_proj(out)
+            return x_th + self.mlp(self.pre_mlp_layernorm(x_th))
+        return rc.checkpoint(self._block, x_th, rope, batch, keep_attention=mode == "attention-cached")
+
+    def _attend(self, x_th, rope, batch, region=None):
+        return self.self_attention.attend(self.input_layernorm(x_th), rope, batch, region)
+
+    def _block(self, x_th, rope, batch, region=None):
+        x_th = x_th + self.self_attention.linear_proj(self._attend(x_th, rope, batch, region))
         return x_th + self.mlp(self.pre_mlp_layernorm(x_th))

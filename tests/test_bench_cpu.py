@@ -1,0 +1,99 @@
+"""tools/bench_cpu.py at a tiny size, and the CPU attention paths the benchmark's figures rest on.
+
+The CLI: exit 0, the table, and a last line of JSON with meshtron's ``tokens_per_s`` (> 0),
+transformers' figure and their ratio, and step-0 losses that agree to 1e-5 relative (both sides
+ran the same model, weights and batch); ``--no-hf --recompute`` runs meshtron alone.
+The kernels: the blocked attention path (oneDNN products, and plain matmul where oneDNN is not
+used) equals the fused CPU kernel in fp32 — out, lse, dq, dk, dv within 1e-5 of each tensor's max —
+on a long causal GQA document (the case where the backward takes the blocked path), for
+non-causal attention and for two packed documents.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "bench_cpu.py"
+TINY = ["--layers", "1", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256",
+        "--seq", "256", "--threads", "1", "--steps", "2"]
+
+
+def run_tool(args):
+    proc = subprocess.run([sys.executable, str(TOOL), *args], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
+
+def test_cli_tiny_against_transformers():
+    lines, report = run_tool(TINY)
+    assert any(line.split()[:2] == ["system", "tokens/s"] for line in lines), lines
+    assert report["tokens_per_s"] > 0 and report["hf_tokens_per_s"] > 0
+    assert report["ratio"] == pytest.approx(report["tokens_per_s"] / report["hf_tokens_per_s"])
+    assert report["cpu_ratio"] == pytest.approx(report["cpu_tokens_per_s"] / report["hf_cpu_tokens_per_s"])
+    assert report["loss0_rel_diff"] <= 1e-5, report
+    assert report["meshtron"]["loss0"] == pytest.approx(report["transformers"]["loss0"], rel=1e-5)
+    assert len(report["meshtron"]["step_s"]) == len(report["transformers"]["step_s"]) == 2
+    assert report["tokens_per_s"] == pytest.approx(256 / report["meshtron"]["median_step_s"])
+    assert report["config"]["seq"] == 256 and report["config"]["threads"] == 1
+
+
+def test_cli_meshtron_alone_with_recompute():
+    _, report = run_tool(TINY + ["--no-hf", "--recompute", "attention-cached"])
+    assert report["tokens_per_s"] > 0 and "hf_tokens_per_s" not in report
+    assert report["config"]["recompute"] == "attention-cached"
+
+
+# -- the attention paths -----------------------------------------------------------------------
+def rel(got, ref):
+    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "matmul"])
+@pytest.mark.parametrize("case", ["long-causal", "non-causal", "two-docs"])
+def test_blocked_path_equals_fused_kernel(monkeypatch, case, onednn):
+    from engine.kernels import attention as A
+
+    if A._FUSED is None:
+        pytest.skip("this torch has no fused CPU flash-attention kernel")
+    if onednn and A._ONEDNN is None:
+        pytest.skip("this torch has no oneDNN linear")
+    if not onednn:
+        monkeypatch.setattr(A, "_ONEDNN", None)
+    lens, causal = {"long-causal": ([1100], True), "non-causal": ([700], False),
+                    "two-docs": ([300, 1030], True)}[case]
+    g = torch.Generator().manual_seed(len(lens))
+    t = sum(lens)
+    q, do = torch.randn(t, 8, 32, generator=g), torch.randn(t, 8, 32, generator=g)
+    k, v = torch.randn(t, 2, 32, generator=g), torch.randn(t, 2, 32, generator=g)
+    scale = 32 ** -0.5
+    cu = torch.tensor([0] + lens).cumsum(0).tolist()
+    for s0, s1 in itertools.pairwise(cu):
+        qs, ks, vs, dos = q[s0:s1], k[s0:s1], v[s0:s1], do[s0:s1]
+        o_ref, l_ref = A._FUSED[0](A._bhld(qs), A._bhld(ks), A._bhld(vs), 0.0, causal, scale=scale)
+        o_ref, l_ref = A._thd(o_ref), l_ref[0]
+        grads_ref = [A._thd(x) for x in A._FUSED[1](A._bhld(dos), A._bhld(qs), A._bhld(ks), A._bhld(vs),
+                                                      A._bhld(o_ref), l_ref[None].contiguous(), 0.0, causal,
+                                                      scale=scale)]
+        out = torch.zeros_like(qs)
+        lse = torch.full(l_ref.shape, float("-inf"))
+        A._blocked_forward(qs, ks, vs, causal, scale, out, lse)
+        assert rel(out, o_ref) <= 1e-5 and rel(lse, l_ref) <= 1e-5
+        grads = [torch.zeros_like(x) for x in (qs, ks, vs)]
+        A._blocked_backward(dos, qs, ks, vs, o_ref, l_ref, causal, scale, *grads)
+        for name, got, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+            assert rel(got, ref) <= 1e-5, (name, rel(got, ref))
+    # and through the contract: a long fp32 document's backward takes the blocked path when oneDNN is there
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    _, lse = A.attention_forward(q, k, v, cu_t, cu_t, causal=causal)
+    n = lens[-1]
+    blocked = A._ONEDNN is not None and n * n >= A._LONG
+    assert A._backward_fused(q, causal, lse[:, cu[-2]:], n, n) is not blocked
