@@ -68,6 +68,7 @@ def test_blocked_path_equals_fused_kernel(monkeypatch, case, onednn):
         pytest.skip("this torch has no oneDNN linear")
     if not onednn:
         monkeypatch.setattr(A, "_ONEDNN", None)
+        monkeypatch.setattr(A, "_BLOCKED_BACKWARD", False)
     lens, causal = {"long-causal": ([1100], True), "non-causal": ([700], False),
                     "two-docs": ([300, 1030], True)}[case]
     g = torch.Generator().manual_seed(len(lens))
@@ -91,9 +92,10 @@ def test_blocked_path_equals_fused_kernel(monkeypatch, case, onednn):
         A._blocked_backward(dos, qs, ks, vs, o_ref, l_ref, causal, scale, *grads)
         for name, got, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
             assert rel(got, ref) <= 1e-5, (name, rel(got, ref))
-    # and through the contract: a long fp32 document's backward takes the blocked path when oneDNN is there
+    # and through the contract: a long fp32 document's backward takes the blocked path where oneDNN
+    # has AVX-512 to use, and the fused kernel elsewhere
     cu_t = torch.tensor(cu, dtype=torch.int32)
     _, lse = A.attention_forward(q, k, v, cu_t, cu_t, causal=causal)
     n = lens[-1]
-    blocked = A._ONEDNN is not None and n * n >= A._LONG
+    blocked = A._BLOCKED_BACKWARD and n * n >= A._LONG
     assert A._backward_fused(q, causal, lse[:, cu[-2]:], n, n) is not blocked

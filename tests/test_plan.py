@@ -308,11 +308,15 @@ def test_validate_360lf_table_and_exit_code():
         assert max(lf360.phases(m, r["recipe"], r["predicted"] // r["sp"]).values()) <= budget
         assert max(lf360.phases(m, r["recipe"], (r["predicted"] + unit) // r["sp"]).values()) > budget
         assert r["ok"] == (abs(r["predicted"] / r["published"] - 1) <= 0.10)
+        need = max(lf360.phases(m, r["recipe"], r["published"] // r["sp"]).values())
+        assert r["need_gib"] == need / lf360.GIB and (need <= budget) == (r["predicted"] >= r["published"])
     out = run_cli("--validate-360lf")
     table = [line.split() for line in out.stdout.splitlines() if line.startswith("qwen2.5-")]
     assert [(t[0], t[1], int(t[4]), int(t[5])) for t in table] == [
         (r["model"], r["recipe"], r["published"], r["predicted"]) for r in rows]
     assert out.returncode == (0 if all(r["ok"] for r in rows) else 1)
+    lo, hi = min(r["need_gib"] for r in rows), max(r["need_gib"] for r in rows)
+    assert f"rows need {lo:.1f} (" in out.stdout and f"to {hi:.1f} GiB" in out.stdout
 
 
 def test_360lf_components_exact():

@@ -23,8 +23,11 @@ per document:
   all a heads of one KV group at once (rows ``a·bq``) against the keys it can see, so the score
   matrix never materialises whole and masked key blocks are skipped. Its products go through
   oneDNN on CPU (``mkldnn._linear_pointwise``), which uses AVX-512 where this torch build's MKL
-  sgemm does not (AMD CPUs: 2-3x the GEMM rate); the backward of a long fp32 document is this
-  path — 25-30 % faster than the fused backward at 4k tokens on the AMD EPYC (Zen 5) we measured.
+  sgemm does not (AMD CPUs: 2-3x the GEMM rate); on a CPU with AVX-512 the backward of a long fp32
+  document is this path — 25-30 % faster than the fused backward at 4k tokens on the AMD EPYC
+  (Zen 5) we measured. Without AVX-512 the advantage is gone (AMD EPYC Zen 1, AVX2: fused 0.88 s,
+  blocked 0.95 s for one 4k-token causal backward, 8/2 heads of 32), so there the fused kernel
+  keeps the backward too.
 """
 from __future__ import annotations
 
@@ -80,6 +83,8 @@ def _onednn_linear():
 
 
 _ONEDNN = _onednn_linear()
+# whether the blocked backward beats the fused one on long fp32 documents: oneDNN's AVX-512 GEMMs
+_BLOCKED_BACKWARD = _ONEDNN is not None and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -204,7 +209,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q=None, max_k=Non
 def _backward_fused(q, causal, lse_doc, len_q: int, len_k: int) -> bool:
     if not _fused(q, causal, len_q, len_k):
         return False
-    if _ONEDNN is not None and q.dtype == torch.float32 and len_q * len_k >= _LONG:
+    if _BLOCKED_BACKWARD and q.dtype == torch.float32 and len_q * len_k >= _LONG:
         return False  # the blocked backward is faster here
     return bool(torch.isfinite(lse_doc).all())  # the kernel needs every row to see a key
 

@@ -153,8 +153,10 @@ def validate(fragmentation: float = ALLOCATOR_FRAGMENTATION) -> list[dict]:
         pred = max_cutoff_len(m, p.recipe, p.sp, fragmentation=fragmentation)
         ph = phases(m, p.recipe, pred // p.sp)
         published = p.max_k * 1024
+        need = max(phases(m, p.recipe, published // p.sp).values())
         rows.append({"model": p.model, "recipe": p.recipe, "gpus": p.gpus, "sp": p.sp, "published": published,
                      "predicted": pred, "error": pred / published - 1, "binding": max(ph, key=ph.get),
+                     "need_gib": need / GIB,
                      "ok": abs(pred / published - 1) <= TOLERANCE,
                      "example_setting": p.recipe == "dpo" and p.max_k == EXAMPLE_CUTOFF_K})
     return rows
