@@ -324,7 +324,7 @@ def test_360lf_components_exact():
     norm equal the Qwen2.5 checkpoints' published parameter counts (safetensors totals), and the
     persistent set (numel < 10·h, DeepSpeed's "auto" stage3_param_persistence_threshold) is every
     RMSNorm weight and q/k/v bias. The loss phase's per-token slope is exactly 14·V (SFT) or 2·22·V
-    (DPO, chosen + rejected) plus the kept checkpoints."""
+    (DPO, chosen + rejected) plus the kept checkpoints and the dummy forward's bf16 logits (2·V)."""
     published = {"qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664, "qwen2.5-72b": 72_706_203_648}
     for name, count in published.items():
         m = KNOWN_MODELS[name]
@@ -333,7 +333,7 @@ def test_360lf_components_exact():
         assert lf360.persistent_params(m) == L * (3 * h + 2 * G * d) + h
         for recipe, coeff in (("sft", 14), ("dpo", 2 * 22)):
             slope = lf360.phases(m, recipe, 1001)["loss"] - lf360.phases(m, recipe, 1000)["loss"]
-            kept = (2 * h * L + 4 * d + 8 * h) * (2 if recipe == "dpo" else 1)
+            kept = (2 * h * L + 4 * d + 8 * h + 2 * V) * (2 if recipe == "dpo" else 1)  # + dummy logits
             assert slope == coeff * V + kept
     rows = lf360.validate()
     assert [r["example_setting"] for r in rows] == [r["recipe"] == "dpo" and r["sp"] == 4 for r in rows]

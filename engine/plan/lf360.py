@@ -26,6 +26,10 @@ buffers are not modelled: the README maxima predate 360-LF's Ulysses mode (zigza
   gathered while the policy still holds its own.
 * kept per token through the step: each decoder layer's input (2·h·L, HF reentrant checkpoints),
   cos/sin (4·d), the final RMSNorm's fp32 input and bf16 outputs and the lm_head input (8·h).
+* kept per token through the first step (every step has the same padded shapes, so the first is
+  the peak): the bf16 logits (2V) of the "dummy forward" that 360-LF's SFT and DPO trainers run
+  once before the first step (``training_step``: ``_ = model(**inputs)`` under no_grad, for
+  zigzag ring); ``_`` lives until ``training_step`` returns, across the whole real step.
 * the loss, transformers 4.46's ``ForCausalLMLoss`` inside the model forward (labels are passed):
   bf16 logits (2V), ``logits.float()`` (4V), the shifted ``.contiguous()`` copy (4V) and the
   log-softmax (4V) = 14·V per token at once (360-LF's own cross-entropy afterwards needs 8·V).
@@ -46,8 +50,10 @@ buffers are not modelled: the README maxima predate 360-LF's Ulysses mode (zigza
 
 Finding: the loss forward binds in all nine rows; the width/depth-scaling backward terms (layer
 recompute, ring-attention buffers, gathered layers, lm_head gradient) stay 20-50 GiB below it at the
-predicted lengths (72B SFT: 44 vs 66 GiB), so they cannot close the gap to the published maxima.
-The model meets 3 of 9 within 10 %; the remaining errors (-11 % .. +28 %) are not closed by fitting.
+predicted lengths. With the dummy forward's logits counted, the three SFT rows land at -3 %, +4 % and
++10.3 % and the two SP=4 DPO rows at +7 % and -1 %; the SP=8 DPO rows of 7B and 14B need 80.6 and
+75.1 GiB at their published lengths (usable: 66.4), more than the SFT rows on the same GPUs, and the
+72B DPO rows are over-predicted by 12-20 %. 4 of 9 within 10 %; what is left is not closed by fitting.
 
 Usable memory comes from engine/plan/devices.py (context, NCCL, allocator fragmentation).
 """
@@ -115,7 +121,7 @@ def phases(m: ModelSpec, recipe: str, n: int) -> dict[str, float]:
     engines = 2 if dpo else 1
     persistent = 2 * persistent_params(m) * engines
     live = 2 * max(MAX_LIVE_PARAMETERS, V * h)  # one engine's gathered parameters
-    kept = (2 * h * L + 4 * d + 8 * h) * tokens
+    kept = (2 * h * L + 4 * d + 8 * h + 2 * V) * tokens  # + the dummy forward's logits
     # loss forward: the policy's engine holds its live set; DPO adds the reference's gathered lm_head
     loss = persistent + live + (2 * V * h if dpo else 0) + kept + (22 if dpo else 14) * V * tokens
     # loss backward: lm_head weight and its full bf16 gradient, the reduce bucket
