@@ -86,13 +86,13 @@ def make_cfg(args):
 class Meshtron:
     """meshtron's single-process training step (engine.train's forward_backward + MeshOptimizer)."""
 
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, cfg, total_steps: int, device: torch.device | str = "cpu"):
         from engine.mesh import ParallelMesh
         from engine.model.gpt import init_canonical
         from engine.optim import MeshOptimizer
         from engine.train import build_dataset, build_model, rank_micro_batches
 
-        self.cfg, self.mesh = cfg, ParallelMesh.single()
+        self.cfg, self.mesh = cfg, ParallelMesh.single(device)
         self.model = build_model(cfg, self.mesh)
         self.canonical = init_canonical(self.model[0], cfg.train.seed)
         self.opt = MeshOptimizer(self.model, cfg.optim, self.mesh, total_steps)
