@@ -78,9 +78,19 @@ def make_cfg(args):
             f"model.ffn_hidden_size={args.ffn}", f"model.vocab_size={args.vocab}",
             f"model.max_position_embeddings={max(seq, 4096)}", "model.tie_word_embeddings=false",
             f"data.seq_len={seq}", f"data.min_doc_len={seq}", f"data.max_doc_len={seq}",
-            "train.global_batch_size=1", "train.micro_batch_size=1", "train.bf16=false",
+            "train.global_batch_size=1", "train.micro_batch_size=1",
+            f"train.bf16={'true' if getattr(args, 'dtype', 'fp32') == 'bf16' else 'false'}",
             f"train.recompute={args.recompute}", "parallel.dp=1"]
     return validate(load_config(None, over), 1)
+
+
+def one_document(cfg, mesh) -> list:
+    """Step 0's batch: one micro-batch holding one ``data.seq_len``-token document, on the mesh's device."""
+    from engine.train import build_dataset, rank_micro_batches
+
+    batches = rank_micro_batches(build_dataset(cfg), 0, cfg, mesh)
+    assert len(batches) == 1 and batches[0].doc_lens == [cfg.data.seq_len], "one document"
+    return batches
 
 
 class Meshtron:
@@ -90,14 +100,13 @@ class Meshtron:
         from engine.mesh import ParallelMesh
         from engine.model.gpt import init_canonical
         from engine.optim import MeshOptimizer
-        from engine.train import build_dataset, build_model, rank_micro_batches
+        from engine.train import build_model
 
         self.cfg, self.mesh = cfg, ParallelMesh.single(device)
         self.model = build_model(cfg, self.mesh)
         self.canonical = init_canonical(self.model[0], cfg.train.seed)
         self.opt = MeshOptimizer(self.model, cfg.optim, self.mesh, total_steps)
-        self.batches = rank_micro_batches(build_dataset(cfg), 0, cfg, self.mesh)
-        assert len(self.batches) == 1 and self.batches[0].doc_lens == [cfg.data.seq_len], "one document"
+        self.batches = one_document(cfg, self.mesh)
 
     def step(self) -> float:
         from engine.train import forward_backward

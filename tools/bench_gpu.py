@@ -125,18 +125,7 @@ def parse_args(argv):
 
 def make_cfg(args, seq: int):
     """bench_cpu's config at ``seq`` tokens, in ``--dtype``."""
-    cfg = bench_cpu.make_cfg(argparse.Namespace(**{**vars(args), "seq": seq}))
-    cfg.train.bf16 = args.dtype == "bf16"  # bench_cpu validates fp32; bf16 changes no check on one process
-    return cfg
-
-
-def one_document(cfg, mesh) -> list:
-    """Step 0's batch: one micro-batch of one ``data.seq_len``-token document, on the mesh's device."""
-    from engine.train import build_dataset, rank_micro_batches
-
-    batches = rank_micro_batches(build_dataset(cfg), 0, cfg, mesh)
-    assert len(batches) == 1 and batches[0].doc_lens == [cfg.data.seq_len], "one document"
-    return batches
+    return bench_cpu.make_cfg(argparse.Namespace(**{**vars(args), "seq": seq}))
 
 
 def reset_meshtron(system, cfg, canonical, batches, total_steps) -> None:
@@ -298,14 +287,14 @@ def main(argv=None) -> int:
     for name in names:
         if name == "transformers":
             print(f"building transformers on {device} ({args.dtype})", file=sys.stderr)
-            tokens = one_document(cfgs[args.seq[0]], mesh)[0].tokens
+            tokens = bench_cpu.one_document(cfgs[args.seq[0]], mesh)[0].tokens
             system = build_transformers(cfgs[args.seq[0]], canonical, tokens, dtype, args.recompute)
         reset = reset_meshtron if name == "meshtron" else reset_transformers
         for seq in args.seq:
             bar.set_postfix_str(f"{name} {seq}")
             done, result = bar.n, None
             try:
-                reset(system, cfgs[seq], canonical, one_document(cfgs[seq], mesh), total_steps)
+                reset(system, cfgs[seq], canonical, bench_cpu.one_document(cfgs[seq], mesh), total_steps)
                 result = measure(system, device, args.warmup, args.steps, bar)
             except RuntimeError as err:  # OutOfMemoryError is one; so are cuBLAS' failed allocations
                 if not (isinstance(err, OOM) or "out of memory" in str(err) or "ALLOC_FAILED" in str(err)):

@@ -163,7 +163,8 @@ def run_validate(a) -> int:
           "searched maximum (a per-rank model cannot meet both 7B DPO rows); still counted in the exit status")
     lo, hi = min(rows, key=lambda r: r["need_gib"]), max(rows, key=lambda r: r["need_gib"])
     usable = lf360.usable_bytes(fragmentation=a.fragmentation) / lf360.GIB
-    print(f"need GiB: what the model needs at the published cutoff_len; usable {usable:.1f} GiB. On the same A800s and software the rows need "
+    print(f"need GiB: what the model needs at the published cutoff_len; usable {usable:.1f} GiB. "
+          "On the same A800s and software the rows need "
           f"{lo['need_gib']:.1f} ({lo['model']} {lo['recipe']} sp={lo['sp']}) to {hi['need_gib']:.1f} GiB "
           f"({hi['model']} {hi['recipe']} sp={hi['sp']}): in this model no single budget makes all nine tight maxima "
           "(360-LF's README calls them coarse-grained)")
