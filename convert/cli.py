@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from convert.megatron_io import load_megatron, resolve
+from convert.megatron_io import open_megatron, resolve
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_META = "hf"
@@ -51,7 +51,8 @@ def hf_to_megatron(args) -> None:
     with _progress(len(names), "hf-to-megatron") as bar:
         if args.format == "torch_dist":
             from convert.megatron_dist import save_dist
-            save_dist(get, names, model, args.out, iteration=0, progress=bar.update)
+            save_dist(get, names, model, args.out, iteration=0, progress=bar.update, padded_vocab=padded,
+                      dtype=DTYPES[args.dtype] if args.dtype else None)
         else:
             from convert.megatron_legacy import save_legacy
             save_legacy(get, names, model, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp,
@@ -66,15 +67,18 @@ def hf_to_megatron(args) -> None:
 
 def megatron_to_hf(args) -> None:
     from convert.hf_io import write_hf
-    from convert.hf_map import iter_canonical_to_hf
+    from convert.hf_map import hf_tensor_specs, iter_canonical_to_hf
+    from convert.layout import dist_key
 
-    canon, model, _ = load_megatron(args.megatron)
+    src = open_megatron(args.megatron)  # one canonical tensor at a time, never the whole model
+    model = src.model
     meta = os.path.join(args.megatron, HF_META)
     config = _hf_config(meta, model)
     cast = DTYPES[args.dtype] if args.dtype else None
-    tensors = ((n, t if cast is None else t.to(cast)) for n, t in iter_canonical_to_hf(canon.__getitem__, model))
-    with _progress(0, "megatron-to-hf") as bar:
-        write_hf(tensors, config, args.out, tokenizer_from=meta if os.path.isdir(meta) else None,
+    specs = hf_tensor_specs(model, cast or (lambda name: src.dtype(dist_key(name)[0])))
+    tensors = ((n, t if cast is None else t.to(cast)) for n, t in iter_canonical_to_hf(src.get, model))
+    with _progress(len(specs), "megatron-to-hf") as bar:
+        write_hf(tensors, config, args.out, specs=specs, tokenizer_from=meta if os.path.isdir(meta) else None,
                  progress=bar.update)
     print(f"wrote Hugging Face model to {args.out}")
 
@@ -96,19 +100,25 @@ def _hf_config(meta_dir: str, model: dict):
 
 
 def reshard(args) -> None:
-    from convert.megatron_legacy import load_legacy, save_legacy
-    from engine.checkpoint import repad_vocab
+    from convert.hf_map import pad_vocab, unpad_vocab
+    from convert.layout import VOCAB_KEYS
+    from convert.legacy_source import LegacySource
+    from convert.megatron_legacy import save_legacy
     from engine.model.gpt import padded_vocab_size
     from engine.model.sharding import canonical_names
 
     if resolve(args.inp)[0] != "torch":
         raise ValueError(f"{args.inp} is a torch_dist checkpoint: it loads at any tp/pp, no resharding needed")
-    canon, model, meta = load_legacy(args.inp)
+    src = LegacySource(args.inp)  # files mapped; one canonical tensor assembled at a time
+    model, meta = src.model, src.meta
     _check_tp(model, args.tp)
     padded = padded_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], args.tp)
-    canon = repad_vocab(canon, model["vocab_size"], padded)
-    names = canonical_names(model)
-    save_legacy(canon.__getitem__, names, model, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp,
+
+    def get(name: str) -> torch.Tensor:  # vocabulary rows re-padded for the new tp
+        t = src.get(name)
+        return pad_vocab(unpad_vocab(t, model["vocab_size"]), padded) if name in VOCAB_KEYS else t
+
+    save_legacy(get, canonical_names(model), model, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp,
                 iteration=meta.get("iteration") or 0, extra=meta.get("extra"))
     if os.path.isdir(os.path.join(args.inp, HF_META)):
         shutil.copytree(os.path.join(args.inp, HF_META), os.path.join(args.out, HF_META))

@@ -235,28 +235,55 @@ def iter_canonical_to_hf(get: Getter, model: dict) -> Iterator[tuple[str, Tensor
 
     Vocab padding is stripped; tied models get no `lm_head.weight`, as `save_pretrained` writes.
     """
+    yield from iter_canonical_to_hf_part(get, model, range(model["num_layers"]), first=True, last=True)
+
+
+def iter_canonical_to_hf_part(get: Getter, model: dict, layers: range, first: bool,
+                              last: bool) -> Iterator[tuple[str, Tensor]]:
+    """The part of :func:`iter_canonical_to_hf` one pipeline stage holds: the embedding when
+    ``first``, decoder ``layers``, the final norm and output layer when ``last``; canonical
+    tensors are asked for in a fixed order, each once."""
     get = _getter(get, "canonical")
     nq, ng, d = _heads(model)
     vocab, ffn = model["vocab_size"], model["ffn_hidden_size"]
-    yield "model.embed_tokens.weight", unpad_vocab(get("embedding.word_embeddings.weight"), vocab)
-    for i in range(model["num_layers"]):
+    if first:
+        yield "model.embed_tokens.weight", unpad_vocab(get("embedding.word_embeddings.weight"), vocab)
+    for i in layers:
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         suffixes = ("weight", "bias") if model["add_qkv_bias"] else ("weight",)
         qkv = {s: split_qkv(get(f"{mc}self_attention.linear_qkv.{s}"), nq, ng, d) for s in suffixes}
         for j, p in enumerate("qkv"):  # HF order: q.weight, q.bias, k.weight, ...
             yield from ((f"{hf}self_attn.{p}_proj.{s}", qkv[s][j]) for s in suffixes)
+        del qkv
         yield hf + "self_attn.o_proj.weight", get(mc + "self_attention.linear_proj.weight")
         fc1 = get(mc + "mlp.linear_fc1.weight")
         if fc1.shape[0] != 2 * ffn:
             raise ValueError(f"{mc}mlp.linear_fc1.weight has {fc1.shape[0]} rows; expected 2*ffn={2 * ffn}")
         yield hf + "mlp.gate_proj.weight", fc1[:ffn].clone()
         yield hf + "mlp.up_proj.weight", fc1[ffn:].clone()
+        del fc1
         yield hf + "mlp.down_proj.weight", get(mc + "mlp.linear_fc2.weight")
         yield hf + "input_layernorm.weight", get(mc + "input_layernorm.weight")
         yield hf + "post_attention_layernorm.weight", get(mc + "pre_mlp_layernorm.weight")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    if not model["tie_word_embeddings"]:
-        yield "lm_head.weight", unpad_vocab(get("output_layer.weight"), vocab)
+    if last:
+        yield "model.norm.weight", get("decoder.final_layernorm.weight")
+        if not model["tie_word_embeddings"]:
+            yield "lm_head.weight", unpad_vocab(get("output_layer.weight"), vocab)
+
+
+def hf_tensor_specs(model: dict, dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(HF name, shape, dtype)`` of every tensor :func:`iter_canonical_to_hf` yields, in its
+    order, from the model config alone (the mapping runs on meta tensors). ``dtype``: one dtype,
+    or a function of the canonical name."""
+    from convert.layout import canonical_shape
+
+    padded = model["vocab_size"]  # any padding: unpad_vocab strips it
+
+    def meta(name: str) -> Tensor:
+        return torch.empty(canonical_shape(name, model, padded), dtype=dtype(name) if callable(dtype) else dtype,
+                           device="meta")
+
+    return [(n, tuple(t.shape), t.dtype) for n, t in iter_canonical_to_hf(meta, model)]
 
 
 def _tracked(state: Mapping[str, Tensor], used: set[str]) -> Getter:

@@ -9,7 +9,7 @@ GPTModel, with the common entries Megatron-LM adds and meshtron's own json, as
     common.pt       the non-sharded state, torch.save'd: ``args`` (Megatron-LM's Namespace),
                     ``checkpoint_version`` 3.0, ``iteration`` and any extra ``common`` entries
     .metadata       PyTorch distributed-checkpoint (DCP) metadata: global shape, dtype, chunks
-    __0_0.distcp    DCP data (a rank-parallel writer adds ``__<rank>_<n>.distcp`` files)
+    __<r>_0.distcp  DCP data written by rank r (every rank writes its own file, in parallel)
     meshtron.json   {"model": meshtron's model config, "iteration": N}; Megatron ignores it
 
 DCP keys hold global, unsharded tensors, so the checkpoint loads at any (tp, pp). Decoder layers
@@ -27,14 +27,20 @@ are stacked along a prepended layer axis (L layers, H hidden, F ffn, d head dim)
     output_layer.weight                                         [V_padded, H]  (not when tied)
     decoder.layers.<linear>._extra_state/shard_<i>_<L>          bytes of torch.save([None])
 
+A training checkpoint (engine/resume.py) adds, for every model key K, fp32 tensors of K's global
+shape with megatron-core's ``fully_sharded_model_space`` optimizer names:
+``optimizer.state.exp_avg.K``, ``optimizer.state.exp_avg_sq.K`` (AdamW moments) and, when the
+parameters are bf16, ``optimizer.state.fp32_param.K`` (the fp32 master weights).
+
 The norms carry the Transformer Engine spec's names for both specs. Megatron stores swiglu's fc1
 as two chunks per tp rank, the gate at rows r·F/tp and the up half at F + r·F/tp, so the global
-tensor is [gate; up], as in the canonical state. Each layer is its own DCP chunk (offset
-(i, 0, …)), as Megatron writes it. The ``_extra_state`` objects are empty, but megatron's loader
-asks for them and DCP fails on a missing key. ``common.pt`` has no ``content_metadata``, so
-Megatron-LM reads this stacked layout and not its ``singleton_local_shards`` one. The ``args``
-carry ``no_save_optim``/``no_save_rng``, so Megatron-LM loads the weights without looking for
-optimizer or rng state.
+tensor is [gate; up], as in the canonical state. Chunks are whatever the writers held: a converter
+writes one chunk per layer, a training run each rank's tp shard of its layers (cut further where
+ZeRO-1 or FSDP2 split it over dp×cp); readers ask for rectangles and DCP assembles them. The
+``_extra_state`` objects are empty, but megatron's loader asks for them and DCP fails on a missing
+key. ``common.pt`` has no ``content_metadata``, so Megatron-LM reads this stacked layout and not
+its ``singleton_local_shards`` one. The ``args`` carry ``no_save_optim``/``no_save_rng``, so
+Megatron-LM loads the weights without looking for its own optimizer or rng state.
 """
 from __future__ import annotations
 
@@ -42,109 +48,64 @@ import json
 import os
 import secrets
 import shutil
-import warnings
 from collections.abc import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import TensorProperties
 
-from convert.megatron_io import CheckpointError
-from engine.model.sharding import layer_of
+from convert.dcp_io import ChunkSavePlanner, DistCheckpoint, StreamingWriter, bytes_item, chunk_item, dcp_save
+from convert.files import CheckpointError, fsync_dir, save_durable, trusted_load, write_text_durable
+from convert.layout import OUTPUT, STACKED, canonical_name, canonical_shape, dist_key  # noqa: F401 - re-exported
 
 MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                    "common_backend": "torch", "common_backend_version": 1}
 COMMON_FILE, META_FILE, MESHTRON_FILE = "common.pt", "metadata.json", "meshtron.json"
 CHECKPOINT_VERSION = 3.0
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-_EMBED, _OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
-_TOP = (_EMBED, "decoder.final_layernorm.weight", _OUTPUT)
-_STACKED = "decoder.layers."
+OPTIMIZER_PREFIX = "optimizer.state."
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
-_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-          "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-_NORMS_BACK = {v: k for k, v in _NORMS.items()}
 _RESERVED = ("args", "checkpoint_version", "iteration", "model", "content_metadata")
-# dcp's single-process mode warns on every call that it assumes a single process: we mean that.
-_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
-def dist_key(name: str) -> tuple[str, int | None]:
-    """``(torch_dist key, layer index or None)`` of a canonical tensor name."""
-    layer = layer_of(name)
-    if layer is None:
-        if name not in _TOP:
-            raise ValueError(f"{name!r} is not a canonical tensor name")
-        return name, None
-    i, rest = layer
-    return _STACKED + _NORMS.get(rest, rest), i
-
-
-def canonical_name(key: str, layer: int | None = None) -> str:
-    """Inverse of :func:`dist_key`: the canonical name of layer ``layer`` of ``key``."""
-    if layer is None:
-        return key
-    if not key.startswith(_STACKED):
-        raise ValueError(f"{key!r} is not a layer-stacked torch_dist key")
-    rest = key[len(_STACKED):]
-    return f"decoder.layers.{layer}.{_NORMS_BACK.get(rest, rest)}"
+def optimizer_key(role: str, key: str) -> str:
+    """megatron-core's fully_sharded_model_space name of optimizer state ``role`` (``exp_avg``,
+    ``exp_avg_sq``, ``fp32_param``) of model key ``key``."""
+    return f"{OPTIMIZER_PREFIX}{role}.{key}"
 
 
 def extra_state_keys(num_layers: int, linears=LINEARS) -> list[str]:
     """The DCP keys of the (empty) ``_extra_state`` objects megatron expects of each linear."""
-    return [f"{_STACKED}{lin}._extra_state/shard_{i}_{num_layers}" for lin in linears for i in range(num_layers)]
+    return [f"{STACKED}{lin}._extra_state/shard_{i}_{num_layers}" for lin in linears for i in range(num_layers)]
+
+
+def extra_state_items(num_layers: int, linears=LINEARS) -> tuple[list, dict]:
+    """Write items and data of the ``_extra_state`` objects (what megatron saves: the list of the
+    key's ShardedObject data, ``[None]``)."""
+    keys = extra_state_keys(num_layers, linears)
+    return [bytes_item(k) for k in keys], {(k, None): [None] for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------
 # Save
 
 
-class ChunkPlanner(DefaultSavePlanner):
-    """A DCP save planner for a prepared list of chunks (``chunk_item``s and BYTE_IO items) with
-    their data keyed by ``(key, chunk offsets)``, rather than a state dict. Each chunk is handed to
-    the writer once and then dropped, so memory shrinks as the files grow. A rank-parallel writer
-    gives each rank's planner only that rank's chunks; DCP merges the plans into one metadata."""
-
-    def __init__(self, items: list[WriteItem], data: dict):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._items, self._data = items, data
-
-    def create_local_plan(self) -> SavePlan:
-        self.plan = SavePlan(list(self._items))
-        return self.plan
-
-    def resolve_data(self, write_item: WriteItem):
-        obj = self._data.pop((write_item.index.fqn, write_item.index.offset))
-        return self.transform_object(write_item, obj)  # torch.save's non-tensor objects into bytes
-
-
-def chunk_item(key: str, t: Tensor, offsets: tuple, global_shape: tuple) -> WriteItem:
-    """The DCP write item of ``t`` as the chunk at ``offsets`` of global tensor ``key``."""
-    offsets = torch.Size(offsets)
-    return WriteItem(index=MetadataIndex(key, offsets), type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-        chunk=ChunkStorageMetadata(offsets=offsets, sizes=t.shape),
-        properties=TensorProperties.create_from_tensor(t), size=torch.Size(global_shape)))
-
-
 def save_dist(get: Callable[[str], Tensor], names: list[str], model: dict, out_dir: str, *,
-              iteration: int = 0, common: dict | None = None,
-              progress: Callable[[int], None] | None = None) -> None:
-    """Write the canonical tensors ``names`` (fetched once each through ``get``) as a Megatron
-    ``torch_dist`` checkpoint in ``out_dir``, from a single process, atomically.
+              iteration: int = 0, common: dict | None = None, progress: Callable[[int], None] | None = None,
+              padded_vocab: int | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write the canonical tensors ``names`` (fetched once each through ``get``, in the order of
+    ``names``) as a Megatron ``torch_dist`` checkpoint in ``out_dir``, from a single process,
+    atomically.
 
-    Memory holds the model once: DCP has to know every chunk's shape and dtype before it writes
-    the first byte, so all tensors are fetched first, then written layer by layer as per-layer
-    chunks (no stacked copy is made) and each is released once written. ``common`` entries go to
-    the top level of ``common.pt``; ``progress(1)`` is called after each canonical tensor.
+    Streams: the DCP plan (every chunk's shape and dtype) is made from the model config first —
+    vocabulary rows ``padded_vocab`` (default: padded for tp=1), dtype ``dtype`` (default: that
+    of the first tensor) — then each tensor is fetched when the writer reaches its chunk, in plan
+    order (:class:`~convert.dcp_io.StreamingWriter`), written and dropped: memory holds one tensor,
+    plus whatever ``get``'s source produces ahead. ``common`` entries go to the top level of
+    ``common.pt``; ``progress(1)`` is called after each canonical tensor.
     """
+    from convert.hf_map import padded_vocab_size
+
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir} already exists and is not empty; choose a new directory or remove it")
     common = dict(common or {})
@@ -152,115 +113,95 @@ def save_dist(get: Callable[[str], Tensor], names: list[str], model: dict, out_d
     if clash:
         raise ValueError(f"common entries {clash} would overwrite the checkpoint's own keys; rename them")
     num_layers = model["num_layers"]
-    fetched: dict[str, dict[int | None, Tensor]] = {}
-    for name in names:
-        if not (name == _OUTPUT and model["tie_word_embeddings"]):  # tied: the embedding is the output layer
-            key, layer = dist_key(name)
-            if layer is not None and not 0 <= layer < num_layers:
+    padded = padded_vocab or padded_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], 1)
+    tied = model["tie_word_embeddings"]
+    planned = [n for n in names if not (n == OUTPUT and tied)]  # tied: the embedding is the output layer
+    layers: dict[str, set[int]] = {}
+    for name in planned:
+        key, layer = dist_key(name)
+        if layer is not None:
+            if not 0 <= layer < num_layers:
                 raise ValueError(f"{name}: layer {layer} is beyond num_layers={num_layers}")
-            fetched.setdefault(key, {})[layer] = get(name)
-        if progress is not None:
-            progress(1)
-    items, data = _plan(fetched, num_layers)
-    state = {"args": _args(model, fetched.get(_EMBED, {}).get(None), iteration),
-             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **common}
-    del fetched  # the planner now holds the only references, and drops each once written
+            layers.setdefault(key, set()).add(layer)
+    for key, have in layers.items():
+        missing = sorted(set(range(num_layers)) - have)
+        if missing:
+            raise ValueError(f"{canonical_name(key, missing[0])} (layers {missing}) is missing; every layer "
+                             f"of num_layers={num_layers} needs each decoder tensor")
+    fetched: dict[str, Tensor] = {}
+    if planned:  # common.pt's params_dtype: the first tensor's, which is written first anyway
+        fetched[planned[0]] = get(planned[0])
+    first_dtype = dtype or (fetched[planned[0]].dtype if planned else torch.float32)
+    items, data, props = [], {}, {}
+    for name in planned:
+        key, layer = dist_key(name)
+        shape = canonical_shape(name, model, padded)
+        offsets, sizes = ((0,) * len(shape), shape) if layer is None else ((layer,) + (0,) * len(shape), (1, *shape))
+        # dtype: given, else each key's first tensor's (set when fetched, before DCP writes the metadata)
+        prop = props.setdefault(key, TensorProperties(dtype=dtype or first_dtype))
+        items.append(chunk_item(key, offsets, sizes, prop, shape if layer is None else (num_layers, *shape)))
+        data[key, offsets] = _fetcher(get, name, shape, prop, dtype is None and layer in (None, 0), layer is not None,
+                                      fetched, progress)
+    linears = [lin for lin in LINEARS if f"{STACKED}{lin}.weight" in layers]
+    extra_items, extra_data = extra_state_items(num_layers, linears)
+    if progress is not None and len(planned) < len(names):
+        progress(len(names) - len(planned))
     tmp = f"{os.path.normpath(out_dir)}.tmp-{secrets.token_hex(4)}"
     try:
         os.makedirs(tmp)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-            dcp.save({}, storage_writer=dcp.FileSystemWriter(tmp), planner=ChunkPlanner(items, data), no_dist=True)
-        torch.save(state, os.path.join(tmp, COMMON_FILE))
-        _write_json(os.path.join(tmp, MESHTRON_FILE), {"model": model, "iteration": iteration})
-        _write_json(os.path.join(tmp, META_FILE), MEGATRON_CONFIG)  # last: marks a complete checkpoint
+        dcp_save(ChunkSavePlanner(extra_items + items, {**extra_data, **data}), StreamingWriter(tmp), no_dist=True)
+        write_small_files(tmp, model, padded, first_dtype, iteration, common)
         os.replace(tmp, out_dir)  # POSIX: replaces an empty out_dir too
+        fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _plan(fetched: dict[str, dict[int | None, Tensor]], num_layers: int) -> tuple[list[WriteItem], dict]:
-    """DCP write items (one chunk per layer) and their data, keyed by (key, chunk offsets)."""
-    items, data = [], {}
-    for key, per_layer in fetched.items():
-        if None in per_layer:
-            t = per_layer[None]
-            offsets = (0,) * t.dim()
-            items.append(chunk_item(key, t, offsets, t.shape))
-            data[key, torch.Size(offsets)] = t
-            continue
-        missing = sorted(set(range(num_layers)) - per_layer.keys())
-        if missing:
-            raise ValueError(f"{canonical_name(key, missing[0])} (layers {missing}) is missing; every layer "
-                             f"of num_layers={num_layers} needs each decoder tensor")
-        first = per_layer[0]
-        for i in range(num_layers):
-            t = per_layer[i]
-            if t.shape != first.shape or t.dtype != first.dtype:
-                raise ValueError(f"{canonical_name(key, i)} is {tuple(t.shape)} {t.dtype} but layer 0 has "
-                                 f"{tuple(first.shape)} {first.dtype}; a stacked key needs them equal")
-            offsets = (i,) + (0,) * t.dim()
-            items.append(chunk_item(key, t.unsqueeze(0), offsets, (num_layers, *t.shape)))
-            data[key, torch.Size(offsets)] = t.unsqueeze(0)
-    linears = [lin for lin in LINEARS if f"{_STACKED}{lin}.weight" in fetched]
-    for key in extra_state_keys(num_layers, linears):
-        items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
-        data[key, None] = [None]  # what megatron saves: the list of this key's ShardedObject data
-    return items, data
+def _fetcher(get, name: str, shape, prop, sets_dtype: bool, stacked: bool, fetched: dict, progress):
+    def fetch() -> Tensor:
+        t = fetched.pop(name) if name in fetched else get(name)
+        if sets_dtype:
+            prop.dtype = t.dtype
+        if tuple(t.shape) != tuple(shape) or t.dtype != prop.dtype:
+            raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype}; the model config and the key's first tensor "
+                             f"make it {tuple(shape)} {prop.dtype} (a stacked key has one dtype; --dtype casts all)")
+        if progress is not None:
+            progress(1)
+        return t.unsqueeze(0) if stacked else t
+    return fetch
 
 
-def _args(model: dict, embed: Tensor | None, iteration: int):
-    """Megatron-LM's args Namespace for the unsharded model, for ``--use-checkpoint-args``."""
-    from convert.hf_map import padded_vocab_size
+def common_state(model: dict, padded: int, dtype: torch.dtype, iteration: int, common: dict | None = None) -> dict:
+    """``common.pt``'s content: Megatron-LM's args for the unsharded model (for
+    ``--use-checkpoint-args``), checkpoint version, iteration, and ``common``'s entries."""
     from convert.megatron_legacy import megatron_args
 
-    padded = embed.shape[0] if embed is not None else padded_vocab_size(
-        model["vocab_size"], model["make_vocab_size_divisible_by"], 1)
-    dtype = embed.dtype if embed is not None else torch.float32
     args = megatron_args(model, 1, 1, 1, [model["num_layers"]], padded, dtype, iteration)
     args.ckpt_format, args.use_dist_ckpt = "torch_dist", True
     args.no_save_optim = args.no_save_rng = True  # weights only: Megatron-LM then loads neither
-    return args
+    return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **(common or {})}
 
 
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+def write_small_files(where: str, model: dict, padded: int, dtype: torch.dtype, iteration: int,
+                      common: dict | None = None) -> None:
+    """``common.pt``, ``meshtron.json`` and, last, ``metadata.json`` (each fsync'd) into ``where``."""
+    save_durable(common_state(model, padded, dtype, iteration, common), os.path.join(where, COMMON_FILE))
+    write_json(os.path.join(where, MESHTRON_FILE), {"model": model, "iteration": iteration})
+    write_json(os.path.join(where, META_FILE), MEGATRON_CONFIG)
+
+
+def write_json(path: str, obj: dict) -> None:
+    write_text_durable(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
 # Load
 
 
-def check_files(path: str, metadata) -> dict[str, list[str]]:
-    """Every shard file the metadata points at exists and holds the bytes it should; returns the
-    files of each key (for messages). A missing or truncated file is named in the error."""
-    files: dict[str, list[str]] = {}
-    need: dict[str, int] = {}
-    for index, info in metadata.storage_data.items():
-        where = os.path.join(path, info.relative_path)
-        need[where] = max(need.get(where, 0), info.offset + info.length)
-        files.setdefault(index.fqn, [])
-        if where not in files[index.fqn]:
-            files[index.fqn].append(where)
-    for where, size in sorted(need.items()):
-        if not os.path.isfile(where):
-            raise CheckpointError(f"{where} is missing: the checkpoint {path} is incomplete (its .metadata lists it)")
-        have = os.path.getsize(where)
-        if have < size:
-            raise CheckpointError(f"{where} is truncated: {have} bytes, the checkpoint's .metadata needs {size}")
-    return files
-
-
-def load_dist(path: str) -> tuple[dict[str, Tensor], dict, dict]:
-    """(canonical state dict, model config, meta) of a torch_dist checkpoint directory.
-
-    meta = {"iteration", "common": common.pt's entries other than args, checkpoint_version,
-    iteration}. Tensors keep their stored dtype. Memory holds the model plus one stacked key.
-    ``common.pt`` is a pickle (Megatron stores a Namespace): load only trusted checkpoints.
-    """
+def read_info(path: str) -> tuple[dict, dict]:
+    """(model config, meta) of a torch_dist checkpoint, without touching its tensors. meta =
+    {"iteration", "common": common.pt's entries other than args, checkpoint_version, iteration}."""
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"{path} is not a torch_dist checkpoint: {os.path.join(path, '.metadata')} "
                                 f"is missing")
@@ -271,30 +212,58 @@ def load_dist(path: str) -> tuple[dict[str, Tensor], dict, dict]:
     with open(info_path) as f:
         info = json.load(f)
     common_path = os.path.join(path, COMMON_FILE)
-    common = torch.load(common_path, map_location="cpu", weights_only=False) if os.path.isfile(common_path) else {}
     try:
-        metadata = dcp.FileSystemReader(path).read_metadata()
-    except Exception as e:  # noqa: BLE001 - unpickling a damaged file fails in many ways
-        raise CheckpointError(f"{os.path.join(path, '.metadata')} is damaged ({type(e).__name__}: {e})") from e
-    files = check_files(path, metadata)
-    canon: dict[str, Tensor] = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata) or not key.startswith(_MODEL_PREFIXES):
-            continue  # _extra_state objects, and what Megatron-LM stores beside the model
-        full = torch.empty(md.size, dtype=md.properties.dtype)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-            try:
-                dcp.load({key: full}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-            except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"{path}: cannot read {key!r} from {', '.join(files.get(key, ['its shards']))} "
-                                      f"({type(e).__name__}): the file is damaged") from e
-        if key.startswith(_STACKED):
-            for i in range(full.shape[0]):  # own storage: a view would pin (and pickle) the whole stack
-                canon[canonical_name(key, i)] = full[i].clone()
-        else:
-            canon[key] = full
-        del full
+        common = trusted_load(common_path) if os.path.isfile(common_path) else {}
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways
+        raise CheckpointError(f"{common_path} is damaged ({type(e).__name__}: {e})") from e
     iteration = common.get("iteration", info.get("iteration", 0))
-    meta = {"iteration": iteration, "common": {k: v for k, v in common.items() if k not in _RESERVED}}
-    return canon, info["model"], meta
+    return info["model"], {"iteration": iteration, "common": {k: v for k, v in common.items() if k not in _RESERVED}}
+
+
+class DistSource:
+    """A torch_dist checkpoint opened for reading: rectangles of its global keys (``read``), or
+    whole canonical tensors one at a time (``get``); ``model`` is its model config."""
+
+    def __init__(self, path: str):
+        self.model, self.meta = read_info(path)
+        self.ckpt = DistCheckpoint(path)
+
+    def names(self) -> list[str]:
+        out = []
+        for key in self.ckpt.tensor_keys():
+            if not key.startswith(_MODEL_PREFIXES):
+                continue  # what Megatron-LM or a training run stores beside the model
+            if key.startswith(STACKED):
+                out += [canonical_name(key, i) for i in range(self.ckpt.shape(key)[0])]
+            else:
+                out.append(key)
+        return out
+
+    def has(self, key: str) -> bool:
+        return self.ckpt.has(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.ckpt.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.ckpt.dtype(key)
+
+    def read(self, requests) -> None:
+        """Fill each :class:`~convert.layout.Request`'s ``dest`` (rectangles of global keys)."""
+        self.ckpt.read(requests)
+
+    def get(self, name: str) -> Tensor:
+        key, layer = dist_key(name)
+        if not self.ckpt.has(key):
+            raise KeyError(name)
+        return self.ckpt.read_whole(key, () if layer is None else (layer,))
+
+
+def load_dist(path: str) -> tuple[dict[str, Tensor], dict, dict]:
+    """(canonical state dict, model config, meta) of a torch_dist checkpoint directory: the whole
+    model in memory, for tests and small models (streaming readers use :class:`DistSource`).
+    Tensors keep their stored dtype; meta as in :func:`read_info`."""
+    src = DistSource(path)
+    return {name: src.get(name) for name in src.names()}, src.model, src.meta

@@ -11,8 +11,7 @@ import os
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as it should: the message names the file."""
+from convert.files import CheckpointError, write_text_durable  # noqa: F401 - CheckpointError is re-exported
 
 
 def resolve(path: str) -> tuple[str, str]:
@@ -40,6 +39,18 @@ def resolve(path: str) -> tuple[str, str]:
                             f"iter_* directory)")
 
 
+def open_megatron(path: str):
+    """A checkpoint of either format opened for streaming reads: ``model`` (its model config),
+    ``meta``, ``has``/``shape``/``dtype`` of torch_dist keys, ``read(requests)`` of rectangles of
+    them, ``names()`` and ``get(name)`` of canonical tensors, one at a time."""
+    fmt, where = resolve(path)
+    if fmt == "torch_dist":
+        from convert.megatron_dist import DistSource
+        return DistSource(where)
+    from convert.legacy_source import LegacySource
+    return LegacySource(where)
+
+
 def load_megatron(path: str) -> tuple[dict, dict, dict]:
     """(canonical state dict, model config dict, meta) of a checkpoint in either format."""
     fmt, where = resolve(path)
@@ -51,8 +62,5 @@ def load_megatron(path: str) -> tuple[dict, dict, dict]:
 
 
 def write_tracker(root: str, iteration: int) -> None:
-    """Megatron's ``latest_checkpointed_iteration.txt``, written atomically."""
-    tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-    os.replace(tmp, os.path.join(root, TRACKER))
+    """Megatron's ``latest_checkpointed_iteration.txt``, written atomically and durably."""
+    write_text_durable(os.path.join(root, TRACKER), str(iteration))

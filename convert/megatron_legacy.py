@@ -15,6 +15,7 @@ with, so conversions go through the canonical, unsharded state dict (engine/mode
 """
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import secrets
@@ -25,7 +26,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from convert.files import fsync_dir, fsync_file, fsync_tree, trusted_load, write_text_durable
 from convert.hf_map import padded_vocab_size
+from convert.layout import canonical_shape
 from engine.model.sharding import layer_of, stage_layers, tp_split
 from engine.parallel.tensor import shard_tensor, unshard_tensor
 
@@ -58,11 +61,15 @@ def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
 def save_legacy(get: Callable[[str], Tensor], names: list[str], model: dict, out_dir: str, *, tp: int,
                 pp: int, vpp: int = 1, layers_per_stage: list[int] | None = None, iteration: int = 0,
                 extra: dict | None = None, progress: Callable[[int], None] | None = None) -> None:
-    """Write the canonical tensors ``names`` (fetched one by one through ``get``) as a Megatron-LM
+    """Write the canonical tensors ``names`` (fetched once each through ``get``) as a Megatron-LM
     legacy checkpoint at (tp, pp, vpp) into ``out_dir``, atomically.
 
-    Memory holds one pp stage's tp shards plus one full tensor. ``extra`` entries are stored at the
-    top level of every rank's file; ``progress(1)`` is called after each canonical tensor.
+    Streams: the tp files of a pipeline stage are first written as skeletons (every tensor's shape
+    and dtype known from the model config and the first tensor's dtype; ``torch.save`` under
+    ``torch.serialization.skip_data``, which reserves the bytes), then mapped (``mmap``, shared)
+    and each canonical tensor, once fetched, is cut into its tp shards straight into the files.
+    Memory holds one full tensor. ``extra`` entries are stored at the top level of every rank's
+    file; ``progress(1)`` is called after each canonical tensor.
     """
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir} already exists and is not empty; choose a new directory or remove it")
@@ -79,52 +86,89 @@ def save_legacy(get: Callable[[str], Tensor], names: list[str], model: dict, out
     placed = _place(names, model, stages, pp, vpp)
     tmp = f"{os.path.normpath(out_dir)}.tmp-{secrets.token_hex(4)}"
     try:
-        args = None
+        ahead = {}
+        first = next((name for c in range(vpp) for name, _ in placed[0, c]), None)
+        if first is not None:  # params_dtype: that of the first tensor (the embedding), written first anyway
+            ahead[first] = get(first)
+        dtype = ahead[first].dtype if first is not None else torch.float32
+        args = megatron_args(model, tp, pp, vpp, lps, padded, dtype, iteration)
         for r in range(pp):
-            shards = _stage_shards(get, placed, stages[r], r, pp, tp, padded, model["vocab_size"], progress)
-            if args is None:  # params_dtype: that of the first tensor (the embedding)
-                dtype = next(iter(shards[0][0].values())).dtype
-                args = megatron_args(model, tp, pp, vpp, lps, padded, dtype, iteration)
-            for t in range(tp):
-                state = {"model": shards[t][0]} if vpp == 1 else {f"model{c}": shards[t][c] for c in range(vpp)}
-                state.update(args=args, checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, **extra)
-                path = os.path.join(tmp, f"iter_{iteration:07d}", rank_dir(t, r, pp), FILE_NAME)
-                os.makedirs(os.path.dirname(path))
-                torch.save(state, path)
-            del shards
-        with open(os.path.join(tmp, TRACKER), "w") as f:
-            f.write(str(iteration))
+            paths = [os.path.join(tmp, f"iter_{iteration:07d}", rank_dir(t, r, pp), FILE_NAME) for t in range(tp)]
+            _write_skeletons(paths, placed, stages[r], r, pp, tp, model, padded, dtype, args, iteration, extra)
+            with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+                files = [trusted_load(path, mmap=True) for path in paths]
+            for f in files:
+                _copy_tensors(f, extra)  # whatever real tensors ``extra`` holds
+            for c in range(vpp):
+                key = "model" if vpp == 1 else f"model{c}"
+                for name, local in placed[r, c]:
+                    full = ahead.pop(name) if name in ahead else get(name)
+                    want = canonical_shape(name, model, padded)
+                    if local in (_EMBED, _OUTPUT) and full.shape[0] != padded:
+                        raise ValueError(f"{name} has {full.shape[0]} rows; Megatron at tp={tp} pads "
+                                         f"vocab_size={model['vocab_size']} to {padded}: pad the canonical state "
+                                         f"for tp={tp}")
+                    if tuple(full.shape) != want or full.dtype != dtype:
+                        raise ValueError(f"{name} is {tuple(full.shape)} {full.dtype}; the model config and the "
+                                         f"first tensor make it {want} {dtype}")
+                    dim, parts = tp_split(local) or (None, 1)
+                    for t in range(tp):
+                        files[t][key][local].copy_(full if dim is None else shard_tensor(full, dim, parts, tp, t))
+                    del full
+                    if progress is not None:
+                        progress(1)
+            del files
+            for path in paths:
+                fsync_file(path)
+        write_text_durable(os.path.join(tmp, TRACKER), str(iteration))
+        fsync_tree(tmp)
         os.replace(tmp, out_dir)  # POSIX: replaces an empty out_dir too
+        fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _stage_shards(get, placed, chunks: list[range], r: int, pp: int, tp: int, padded: int, vocab: int,
-                  progress) -> list[list[dict]]:
-    """[tp rank][chunk] -> local state dict of pp rank ``r``, one full tensor fetched at a time."""
+def _write_skeletons(paths, placed, chunks: list[range], r: int, pp: int, tp: int, model: dict, padded: int,
+                     dtype: torch.dtype, args, iteration: int, extra: dict) -> None:
+    """pp rank ``r``'s tp files with every tensor's bytes reserved, not written (fake tensors
+    saved under ``skip_data``: no memory is allocated for them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     vpp = len(chunks)
-    shards = [[{} for _ in range(vpp)] for _ in range(tp)]
-    for c in range(vpp):
-        for name, local in placed[r, c]:
-            full = get(name)
-            if local in (_EMBED, _OUTPUT) and full.shape[0] != padded:
-                raise ValueError(f"{name} has {full.shape[0]} rows; Megatron at tp={tp} pads "
-                                 f"vocab_size={vocab} to {padded}: pad the canonical state for tp={tp}")
-            dim, parts = tp_split(local) or (None, 1)
-            replica = _owned(full, full) if dim is None else None  # norms: one copy shared by the tp files
-            for t in range(tp):
-                shards[t][c][local] = replica if dim is None else _owned(
-                    shard_tensor(full, dim, parts, tp, t), full)
-            del full, replica
-            if progress is not None:
-                progress(1)
-        last = r == pp - 1 and c == vpp - 1
-        keys = [f"decoder.layers.{i}.{lin}._extra_state" for i in range(len(chunks[c])) for lin in _LINEARS]
-        keys += ["output_layer._extra_state"] if last else []  # the module exists even when tied
-        for per_rank in shards:
-            per_rank[c].update(dict.fromkeys(keys))
-    return shards
+    for t, path in enumerate(paths):
+        state = {}
+        with FakeTensorMode():
+            for c in range(vpp):
+                sd = {}
+                for name, local in placed[r, c]:
+                    shape = list(canonical_shape(name, model, padded))
+                    dim, _ = tp_split(local) or (None, 1)
+                    if dim is not None:
+                        shape[dim] //= tp
+                    sd[local] = torch.empty(shape, dtype=dtype)
+                last = r == pp - 1 and c == vpp - 1
+                keys = [f"decoder.layers.{i}.{lin}._extra_state" for i in range(len(chunks[c])) for lin in _LINEARS]
+                keys += ["output_layer._extra_state"] if last else []  # the module exists even when tied
+                sd.update(dict.fromkeys(keys))
+                state["model" if vpp == 1 else f"model{c}"] = sd
+        state.update(args=args, checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, **extra)
+        os.makedirs(os.path.dirname(path))
+        with torch.serialization.skip_data(materialize_fake_tensors=True):
+            torch.save(state, path)
+
+
+def _copy_tensors(mapped, original) -> None:
+    """Copy the tensors of ``original`` into the same places of ``mapped`` (``extra`` entries,
+    whose bytes the skeleton did not write)."""
+    if isinstance(original, dict):
+        for k, v in original.items():
+            _copy_tensors(mapped[k], v)
+    elif isinstance(original, (list, tuple)):
+        for a, b in zip(mapped, original):
+            _copy_tensors(a, b)
+    elif isinstance(original, Tensor):
+        mapped.copy_(original)
 
 
 def _place(names, model, stages, pp, vpp) -> dict[tuple[int, int], list[tuple[str, str]]]:
@@ -149,13 +193,6 @@ def _place(names, model, stages, pp, vpp) -> dict[tuple[int, int], list[tuple[st
     if tied and pp > 1:  # the last stage keeps its own copy of the tied embedding, as Megatron does
         placed[last].append((_EMBED, _OUTPUT))
     return placed
-
-
-def _owned(t: Tensor, full: Tensor) -> Tensor:
-    """``t`` as a contiguous tensor of its own: a view would pickle (and pin) the whole storage."""
-    if t.is_contiguous() and t.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _uneven_split(lps: list[int], pp: int, vpp: int) -> tuple[int | None, int | None]:
@@ -216,14 +253,15 @@ def megatron_args(model: dict, tp: int, pp: int, vpp: int, lps: list[int], padde
 def read_legacy_args(path: str) -> Namespace:
     """The ``args`` Namespace of a legacy checkpoint (root or ``iter_*`` directory)."""
     path = _first_file(_iteration_dir(path))
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]
+    return trusted_load(path, mmap=True)["args"]
 
 
 def load_legacy(path: str) -> tuple[dict[str, Tensor], dict, dict]:
     """(canonical state dict, model config, meta) of a legacy checkpoint (root or ``iter_*`` dir).
 
     meta = {tp, pp, vpp, layers_per_stage (model order), iteration, extra (rank 0's extra entries)}.
-    The files are pickles (Megatron stores Namespaces and rng states): load only trusted checkpoints.
+    The whole model ends up in memory (streaming readers use convert/legacy_source.py); files are
+    read with ``weights_only=True`` and the allow-list of convert/files.py.
     """
     it_dir = _iteration_dir(path)
     first = _load_file(_first_file(it_dir))
@@ -316,7 +354,7 @@ def _first_file(it_dir: str) -> str:
 def _load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing shard file {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)  # args are pickled objects
+    return trusted_load(path, mmap=True)  # mapped: tensors are read when copied
 
 
 def _clean(state: dict) -> dict:

@@ -27,9 +27,9 @@ def _meshtron_rank(rank, world, megatron_dir, tp, pp, cp, seq, out_dir):
     from engine.parallel.pipeline.runtime import PipelineRuntime
     from engine.train import build_model
 
-    from convert.megatron_io import load_megatron
+    from convert.megatron_io import open_megatron
 
-    _, model_dict, _ = load_megatron(megatron_dir)
+    model_dict = open_megatron(megatron_dir).model  # the config only: no tensor is read here
     overrides = [f"model.{k}={v!r}" if isinstance(v, str) else f"model.{k}={_yaml(v)}" for k, v in model_dict.items()]
     cfg = validate(load_config(None, overrides + [f"model.load={megatron_dir}", f"parallel.tp={tp}",
                                                   f"parallel.pp={pp}", f"parallel.cp={cp}"]), world)
@@ -72,7 +72,7 @@ def meshtron_logits(megatron_dir: str, tp: int, pp: int, cp: int, seq: int, voca
             run_world(world, _meshtron_rank, megatron_dir, tp, pp, cp, seq, out, timeout=1800)
         full = torch.full((NUM_SEQUENCES * seq, vocab), float("nan"))
         for f in os.listdir(out):
-            part = torch.load(os.path.join(out, f))
+            part = torch.load(os.path.join(out, f), weights_only=True)
             real = part["index"] >= 0
             full[part["index"][real]] = part["logits"][real]
     return full.view(NUM_SEQUENCES, seq, vocab)

@@ -32,15 +32,38 @@ def _bad_input_errors() -> tuple[type, ...]:
     return (CheckpointError, ConfigError, DataError, NonFiniteTraining)
 
 
+def local_device_index(env, device_count: int) -> int:
+    """This process's GPU on its node, from the launcher's environment ``env`` and the number of
+    visible GPUs: ``LOCAL_RANK`` (torchrun), else ``SLURM_LOCALID`` (plain ``srun``), else 0 when
+    one GPU is visible or the job has one process. With one visible GPU it is always 0 (e.g. a
+    launcher that gives each rank its own ``CUDA_VISIBLE_DEVICES``)."""
+    if device_count == 1:
+        return 0
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = env.get(name)
+        if value is not None and value.strip() != "":
+            index = int(value)
+            if not 0 <= index < device_count:
+                raise RuntimeError(f"{name}={index} but this process sees {device_count} GPUs (0-{device_count - 1}); "
+                                   f"launch at most {device_count} processes per node or check CUDA_VISIBLE_DEVICES")
+            return index
+    if int(env.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"cannot tell which of the {device_count} visible GPUs this rank should use: neither "
+                           f"LOCAL_RANK nor SLURM_LOCALID is set; launch with torchrun (sets LOCAL_RANK) or srun "
+                           f"(sets SLURM_LOCALID), or give each process one GPU with CUDA_VISIBLE_DEVICES")
+    return 0
+
+
 def _select_backend(cfg):
-    """(backend name, this rank's device): NCCL on CUDA, gloo on CPU, unless dist.backend says."""
+    """(backend name, this rank's device): NCCL on CUDA, gloo on CPU, unless dist.backend says.
+    The CUDA device always carries its index (:func:`local_device_index`)."""
     import torch
 
     backend = cfg.dist.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = local_device_index(os.environ, torch.cuda.device_count())
         torch.cuda.set_device(local)
         return backend, torch.device("cuda", local)
     return backend, torch.device("cpu")
@@ -69,7 +92,7 @@ def init_mesh(cfg):
             dist.init_process_group(backend, timeout=timeout)
     p = cfg.parallel
     return ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, order=p.order,
-                              placement=p.placement, device=device)
+                              placement=p.placement, ring_window=p.ring_window, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

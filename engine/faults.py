@@ -53,10 +53,14 @@ def at_step_start(step: int, rank: int) -> None:
 
 
 def poison_gradients(params, step: int, rank: int) -> None:
+    """NaN in the first gradient found: the fp32 ``main_grad`` buckets the backward summed into
+    (engine/parallel/grads.py), or ``.grad`` (FSDP2)."""
     if active("nan", step, rank):
         for p in params:
-            if p.grad is not None:
-                p.grad.fill_(float("nan"))
+            grad = getattr(p, "main_grad", None)
+            grad = grad if grad is not None else p.grad
+            if grad is not None:
+                grad.fill_(float("nan"))
                 return
 
 

@@ -45,7 +45,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         softmax, safe_ids, hit, valid = ctx.saved_tensors
         grad = softmax
-        grad[torch.arange(grad.shape[0]), safe_ids] -= hit.float()
+        # the target's -1, on this rank's slice only (a scatter on the logits' device: no index
+        # tensor from the host, no sync)
+        grad.scatter_add_(-1, safe_ids[:, None], hit.float().neg_()[:, None])
         grad.mul_((grad_loss * valid)[:, None])
         return grad.to(ctx.logits_dtype), None, None, None, None
 

@@ -8,6 +8,12 @@ to each other (Ulysses all-to-all inside a node, ring across nodes), ``context-f
 The layout is a pure function (:func:`rank_layout`) so it is tested for large worlds without
 spawning processes; :class:`ParallelMesh` turns it into process groups through DeviceMesh.
 Axes of size 1 get no group at all: every collective on them is the identity.
+
+Double ring (``ring_window`` w, dividing rp): each rp group, in ring order, splits into windows
+of w consecutive ring ranks (``rp_inner``) and the rings of the ranks at the same position of
+every window (``rp_outer``); both get their own groups so NCCL can overlap them (see
+:class:`engine.parallel.context.ring.DoubleRing`). Without a window, ``rp_inner`` is the rp
+group and ``rp_outer`` has size 1.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import torch
 ATOMIC_AXES = ("tp", "hp", "rp", "dp", "pp")
 #: Composite axes and the atomic axes they span.
 COMPOSITE_AXES = {"cp": ("hp", "rp"), "dp_cp": ("hp", "rp", "dp"), "tp_cp": ("tp", "hp", "rp")}
+#: The double ring's sub-rings of the rp axis (module docstring).
+RING_AXES = ("rp_inner", "rp_outer")
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class RankLayout:
     """Where every global rank sits on the mesh; ``grid[pp, dp, rp, hp, tp]`` is a global rank."""
 
     grid: torch.Tensor  # int64, dims in ATOMIC_AXES reversed: (pp, dp, rp, hp, tp)
+    ring_window: int = 0  # the double ring's inner ring size; 0: one ring of all rp ranks
 
     _DIMS = ("pp", "dp", "rp", "hp", "tp")
 
@@ -35,6 +44,9 @@ class RankLayout:
         return self.grid.numel()
 
     def size(self, axis: str) -> int:
+        if axis in RING_AXES:
+            w = self.ring_window or self.size("rp")
+            return w if axis == "rp_inner" else self.size("rp") // w
         return math.prod(self.grid.shape[self._DIMS.index(a)] for a in _atoms(axis))
 
     def coords(self, rank: int) -> dict[str, int]:
@@ -52,6 +64,12 @@ class RankLayout:
         Inside a group ranks are listed by their index along the axis (for cp: rp-major,
         hp-minor), which is the semantic order, not necessarily the global-rank order.
         """
+        if axis in RING_AXES:  # in ring order, inside each rp group
+            w, out = self.size("rp_inner"), []
+            for ring in self.groups("rp"):
+                out += ([ring[i:i + w] for i in range(0, len(ring), w)] if axis == "rp_inner" else
+                        [ring[pos::w] for pos in range(w)])
+            return out
         axes = _atoms(axis)
         keep = [d for d in self._DIMS if d not in axes]
         # cp index is rp-major, hp-minor whatever the placement
@@ -73,11 +91,12 @@ def _atoms(axis: str) -> tuple[str, ...]:
 
 
 def rank_layout(*, tp: int = 1, cp: int = 1, hp: int = 1, dp: int = 1, pp: int = 1,
-                order: str = "tp-cp-dp-pp", placement: str = "head-first") -> RankLayout:
+                order: str = "tp-cp-dp-pp", placement: str = "head-first", ring_window: int = 0) -> RankLayout:
     """Global rank of every mesh coordinate.
 
     ``order`` is innermost first: rank = tp_i + tp·(cp-part + cp·(dp_i + dp·pp_i)) for the
-    default. Inside cp, ``head-first`` makes hp the faster-varying of (hp, rp).
+    default. Inside cp, ``head-first`` makes hp the faster-varying of (hp, rp). ``ring_window``:
+    the double ring's inner ring size (0: a plain ring).
     """
     names = order.split("-")
     if sorted(names) != ["cp", "dp", "pp", "tp"]:
@@ -86,6 +105,9 @@ def rank_layout(*, tp: int = 1, cp: int = 1, hp: int = 1, dp: int = 1, pp: int =
         raise ValueError(f"parallel.placement={placement!r}; expected 'head-first' or 'context-first'")
     if cp % hp:
         raise ValueError(f"parallel.hp={hp} does not divide parallel.cp={cp}")
+    if ring_window < 0 or (ring_window and (cp // hp) % ring_window):
+        raise ValueError(f"parallel.ring_window={ring_window} does not divide the ring degree rp={cp // hp}; "
+                         f"use 0 (one ring) or a divisor of rp")
     sizes = {"tp": tp, "hp": hp, "rp": cp // hp, "dp": dp, "pp": pp}
     inner_first: list[str] = []
     for n in names:
@@ -94,7 +116,7 @@ def rank_layout(*, tp: int = 1, cp: int = 1, hp: int = 1, dp: int = 1, pp: int =
     world = math.prod(sizes.values())
     grid = torch.arange(world).reshape([sizes[a] for a in outer_first])
     grid = grid.permute([outer_first.index(d) for d in RankLayout._DIMS]).contiguous()
-    return RankLayout(grid)
+    return RankLayout(grid, ring_window)
 
 
 class ParallelMesh:
@@ -110,6 +132,7 @@ class ParallelMesh:
         self.device = device
         self._groups = groups
         self.coords = layout.coords(rank)
+        self.ring_window = layout.ring_window
         for axis in ATOMIC_AXES + tuple(COMPOSITE_AXES):
             setattr(self, axis, layout.size(axis))
 
@@ -121,11 +144,13 @@ class ParallelMesh:
 
     @classmethod
     def build(cls, *, tp=1, cp=1, hp=1, dp=1, pp=1, order="tp-cp-dp-pp", placement="head-first",
-              device: torch.device | str = "cpu") -> "ParallelMesh":
-        """Create the groups of every axis of size > 1 on the initialised default process group."""
+              ring_window: int = 0, device: torch.device | str = "cpu") -> "ParallelMesh":
+        """Create the groups of every axis of size > 1 on the initialised default process group
+        (``ring_window``: also the double ring's inner-window and outer-ring groups)."""
         import torch.distributed as dist
 
-        layout = rank_layout(tp=tp, cp=cp, hp=hp, dp=dp, pp=pp, order=order, placement=placement)
+        layout = rank_layout(tp=tp, cp=cp, hp=hp, dp=dp, pp=pp, order=order, placement=placement,
+                             ring_window=ring_window)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != layout.world_size:
             raise ValueError(f"tp·cp·dp·pp = {tp}·{cp}·{dp}·{pp} = {layout.world_size} but the world has "
@@ -138,7 +163,7 @@ class ParallelMesh:
     # -- queries --------------------------------------------------------------------------------
     def group(self, axis: str):
         """Process group of ``axis`` containing this rank, or None when the axis has size 1."""
-        if axis != "pp_ends":  # first and last pipeline stage (tied embeddings)
+        if axis != "pp_ends" and axis not in RING_AXES:  # pp_ends: first and last stage (tied embeddings)
             _atoms(axis)
         return self._groups.get(axis)
 
@@ -154,7 +179,8 @@ class ParallelMesh:
 
     def __repr__(self) -> str:
         deg = " ".join(f"{a}={getattr(self, a)}" for a in ("dp", "pp", "tp", "cp", "hp", "rp"))
-        return f"ParallelMesh(rank={self.rank}, {deg})"
+        window = f" ring_window={self.ring_window}" if self.ring_window else ""
+        return f"ParallelMesh(rank={self.rank}, {deg}{window})"
 
 
 def _make_groups(layout: RankLayout, device: torch.device) -> dict:
@@ -171,21 +197,27 @@ def _make_groups(layout: RankLayout, device: torch.device) -> dict:
             groups[name] = groups[present[0]]
         elif len(present) > 1:
             groups[name] = dm[present]._flatten(name).get_group()
-    if layout.size("pp") > 2:
-        groups["pp_ends"] = _pipeline_ends_group(layout)
+    if layout.size("pp") > 2:  # Megatron's embedding group, for tied embeddings split over stages
+        groups["pp_ends"] = _subgroups([[g[0], g[-1]] for g in layout.groups("pp")])
     elif layout.size("pp") == 2:
         groups["pp_ends"] = groups["pp"]
+    for axis in RING_AXES:  # the double ring's windows and outer rings
+        size = layout.size(axis)
+        if size == layout.size("rp") and "rp" in groups:
+            groups[axis] = groups["rp"]
+        elif size > 1:
+            groups[axis] = _subgroups(layout.groups(axis))
     return groups
 
 
-def _pipeline_ends_group(layout: RankLayout):
-    """First and last stage of this rank's pipeline (Megatron's embedding group, for tied
-    embeddings split over stages). Every rank creates every pair, in the same order."""
+def _subgroups(members: list[list[int]]):
+    """A new group per rank list (every rank creates every group, in the same order, as
+    ``new_group`` requires); returns this rank's."""
     import torch.distributed as dist
 
     mine = None
-    for g in layout.groups("pp"):
-        pair = dist.new_group([g[0], g[-1]])
-        if dist.get_rank() in (g[0], g[-1]):
-            mine = pair
+    for ranks in members:
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
     return mine

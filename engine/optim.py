@@ -30,7 +30,8 @@ from contextlib import nullcontext
 
 import torch
 
-from engine.parallel.data import global_grad_norm, reduce_gradients
+from engine.parallel.data import all_reduce_async, global_grad_norm, reduce_replicas
+from engine.parallel.grads import GradBuffers, plan_buckets
 
 
 def lr_at(step: int, cfg, total_steps: int) -> float:
@@ -43,12 +44,14 @@ def lr_at(step: int, cfg, total_steps: int) -> float:
 
 
 class ReplicatedState:
-    """Whole AdamW state on every dp×cp rank (``optim.sharding=none``)."""
+    """Whole AdamW state on every dp×cp rank (``optim.sharding=none``); gradients summed in the
+    fp32 ``main_grad`` buckets of engine/parallel/grads.py, each all-reduced over dp×cp as soon as
+    backward completes it."""
 
     sharded = False
     offload = False
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg, mesh):
+    def __init__(self, params: list[torch.nn.Parameter], cfg, mesh, chunks: list[list[torch.nn.Parameter]]):
         self.params, self.mesh = params, mesh
         self.mixed = any(p.dtype != torch.float32 for p in params)
         self.masters = ([p.detach().float().clone().requires_grad_(True) for p in params]
@@ -59,22 +62,17 @@ class ReplicatedState:
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+        group = mesh.group("dp_cp")
+        self.buffers = GradBuffers(plan_buckets(chunks, cfg.grad_bucket_size, 1), mesh.device,
+                                   lambda b: all_reduce_async(b.data, group))
         self._reduced = None
 
-    def grads(self) -> list[torch.Tensor]:
-        """fp32 gradients aligned with ``self.params`` (zeros for parameters that got none)."""
-        out = []
-        for p, m in zip(self.params, self.masters):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if self.mixed:
-                m.grad = p.grad.float()
-            out.append(m.grad if self.mixed else p.grad)
-        return out
-
     def reduce(self):
-        grads = self.grads()
-        reduce_gradients(self.params, grads, self.mesh)
+        """Wait for the buckets' dp×cp all-reduces (started during backward), then sum the tp
+        replicas and tied copies; returns ``(params, fp32 gradients)`` (views of the buckets)."""
+        self.buffers.finish()
+        grads = [p.main_grad for p in self.params]
+        reduce_replicas(self.params, grads, self.mesh)
         self._reduced = grads
         return self.params, grads
 
@@ -84,38 +82,48 @@ class ReplicatedState:
     def adam_step(self, lr: float) -> None:
         for group in self.adam.param_groups:
             group["lr"] = lr
+        for m, g in zip(self.masters, self._reduced):
+            m.grad = g
         self.adam.step()
         if self.mixed:
             with torch.no_grad():
                 for p, m in zip(self.params, self.masters):
                     p.copy_(m)
-                    m.grad = None
         self.discard()
 
     def discard(self) -> None:
-        """Drop this step's gradients (a skipped step)."""
+        """Drop this step's gradients (after the update, or a skipped step)."""
         for p, m in zip(self.params, self.masters):
             p.grad = None
-            if self.mixed:
-                m.grad = None
+            m.grad = None
+        self.buffers.zero()
         self._reduced = None
 
-    def local_state(self) -> dict:
-        out = {key: [self.adam.state[m][key] if m in self.adam.state else None for m in self.masters]
-               for key in ("exp_avg", "exp_avg_sq")}
-        out["masters"] = [m.detach() for m in self.masters] if self.mixed else None
+    def checkpoint_pieces(self) -> list[tuple[int, int, int, dict[str, torch.Tensor]]]:
+        """Views of what this rank holds, for checkpoints: ``(index into params, lo, hi, roles)``
+        per piece [lo, hi) of a parameter's flat (tp-local) tensor, ``roles`` mapping ``param``
+        (the weights), ``fp32_param`` (masters, where they are not the weights themselves),
+        ``exp_avg`` and ``exp_avg_sq`` (once stepped) to flat views of [lo, hi) — a save reads
+        them, a resume writes into them. Here every dp×cp replica holds every parameter whole."""
+        out = []
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            roles = {"param": p.detach().view(-1)}
+            if self.mixed:
+                roles["fp32_param"] = m.detach().view(-1)
+            state = self.adam.state.get(m)
+            if state:
+                roles.update(exp_avg=state["exp_avg"].view(-1), exp_avg_sq=state["exp_avg_sq"].view(-1))
+            out.append((i, 0, p.numel(), roles))
         return out
 
-    def load_local_state(self, exp_avg, exp_avg_sq, masters, step: int) -> None:
+    def init_moments(self, step: int) -> None:
+        """Zero AdamW moments at step count ``step``, for a resume to fill through
+        :meth:`checkpoint_pieces`."""
         fused = bool(self.adam.defaults.get("fused"))
-        for i, m in enumerate(self.masters):
-            if masters is not None:
-                with torch.no_grad():
-                    m.copy_(masters[i])
-            if exp_avg is not None:
-                self.adam.state[m] = {
-                    "step": torch.tensor(float(step), device=m.device if fused else "cpu"),
-                    "exp_avg": exp_avg[i].to(m.device).clone(), "exp_avg_sq": exp_avg_sq[i].to(m.device).clone()}
+        for m in self.masters:
+            self.adam.state[m] = {"step": torch.tensor(float(step), device=m.device if fused else "cpu"),
+                                  "exp_avg": torch.zeros_like(m, memory_format=torch.contiguous_format),
+                                  "exp_avg_sq": torch.zeros_like(m, memory_format=torch.contiguous_format)}
 
     def state_tensors(self) -> list[torch.Tensor]:
         out = [t for s in self.adam.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -138,22 +146,32 @@ class MeshOptimizer:
             raise ValueError(f"optim.offload=true needs optim.sharding=zero1 (got {cfg.sharding!r}): the CPU "
                              f"offload of optimizer states is implemented by the ZeRO-1 optimizer")
         params = [p for p in model.parameters() if p.requires_grad]
+        modules = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+        chunks = [[p for p in m.parameters() if p.requires_grad] for m in modules]  # per model chunk
         if cfg.sharding == "zero1":
             from engine.parallel.zero import ZeroState
 
-            self.state = ZeroState(params, cfg, mesh)
+            self.state = ZeroState(params, cfg, mesh, chunks)
         elif cfg.sharding == "fsdp2" and mesh.group("dp_cp") is not None:
             from engine.parallel.fsdp import FSDPState
 
             self.state = FSDPState(model, cfg, mesh)
         elif cfg.sharding in ("none", "fsdp2"):
-            self.state = ReplicatedState(params, cfg, mesh)
+            self.state = ReplicatedState(params, cfg, mesh, chunks)
         else:
             raise ValueError(f"optim.sharding={cfg.sharding!r}; expected 'none', 'zero1' or 'fsdp2'")
         self.params = self.state.params
         self.mixed = self.state.mixed
         self.adam = self.state.adam
         self.step_count = 0
+
+    @property
+    def grad_sync(self):
+        """``grad_sync(chunk, last)`` for ``PipelineRuntime.grad_sync``: lets the fp32 gradient
+        buckets start their reduction during the chunk's last backward (None under FSDP2, which
+        reduces per layer itself)."""
+        buffers = getattr(self.state, "buffers", None)
+        return buffers.grad_sync if buffers is not None else None
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -179,19 +197,26 @@ class MeshOptimizer:
         self.step_count += 1
         return lr
 
-    def step(self, loss: float | None = None) -> dict:
-        """Reduce, clip, update; returns ``{"grad_norm", "lr", "skipped"}`` of this step.
+    def step(self, loss: float | torch.Tensor | None = None) -> dict:
+        """Reduce, clip, update; returns ``{"grad_norm", "lr", "skipped"}`` of this step (and
+        ``"loss"`` as a float when ``loss`` is a device tensor).
 
         A non-finite gradient norm (any NaN/Inf gradient anywhere: the norm is global) or a
         non-finite ``loss`` skips the update: gradients are dropped, weights, moments and the
         learning-rate schedule stay as they were. Both values are identical on every rank, so
-        every rank skips together."""
+        every rank skips together. The norm and a tensor ``loss`` reach the host in one transfer:
+        the step's only host sync besides what the caller logs (I-9)."""
         _, norm = self.reduce_and_clip(full_grads=False)
-        norm = float(norm)
+        out = {}
+        if torch.is_tensor(loss):
+            norm, loss = torch.stack([norm.double(), loss.detach().double().to(norm.device)]).tolist()
+            out["loss"] = loss
+        else:
+            norm = float(norm)
         if not math.isfinite(norm) or (loss is not None and not math.isfinite(loss)):
             self.state.discard()
-            return {"grad_norm": norm, "lr": lr_at(self.step_count, self.cfg, self.total_steps), "skipped": 1}
-        return {"grad_norm": norm, "lr": self.update(), "skipped": 0}
+            return {**out, "grad_norm": norm, "lr": lr_at(self.step_count, self.cfg, self.total_steps), "skipped": 1}
+        return {**out, "grad_norm": norm, "lr": self.update(), "skipped": 0}
 
     # -- whole weights, checkpoints ------------------------------------------------------------
     def full_weights(self, writeback: bool = False):
@@ -200,16 +225,18 @@ class MeshOptimizer:
         fn = getattr(self.state, "full_weights", None)
         return fn(writeback) if fn else nullcontext()
 
-    def local_state(self) -> dict:
-        """``{"exp_avg", "exp_avg_sq", "masters"}``: lists aligned with ``params`` of whole local
-        (tp-sharded, dp×cp-whole) fp32 tensors (moments ``None`` before the first step, masters
-        ``None`` for fp32 parameters). Collective over dp×cp for sharded states."""
-        return self.state.local_state()
+    def checkpoint_pieces(self) -> list[tuple[int, int, int, dict[str, torch.Tensor]]]:
+        """Views of this rank's parameters and optimizer state for checkpoints (see
+        :meth:`ReplicatedState.checkpoint_pieces`): whole parameters on every dp×cp replica
+        (``none``), or each rank's disjoint pieces (``zero1``: its bucket ranges, which may start
+        and end mid-row; ``fsdp2``: its dim-0 shards) — ``state.sharded`` tells which."""
+        return self.state.checkpoint_pieces()
 
-    def load_local_state(self, exp_avg, exp_avg_sq, masters, step: int) -> None:
-        """Restore what :meth:`local_state` returned (possibly by another mesh or sharding, after
-        re-sharding over tp); ``step`` is the optimizer step count. Weights must be loaded first."""
-        self.state.load_local_state(exp_avg, exp_avg_sq, masters, step)
+    def restore_step(self, step: int, moments: bool) -> None:
+        """Set the optimizer step count after a resume; with ``moments``, first allocate zero AdamW
+        moments for :meth:`checkpoint_pieces` to expose (the checkpoint fills them)."""
+        if moments:
+            self.state.init_moments(step)
         self.step_count = step
 
     # -- accounting ----------------------------------------------------------------------------
@@ -231,5 +258,7 @@ class MeshOptimizer:
         state = self.state.state_tensors()
         host = [t for t in state if self.state.offload and t.device.type == "cpu"]
         device = [t for t in state if not any(t is h for h in host)]
-        return {"params": total(params), "grads": total(p.grad for p in params if p.grad is not None),
-                "state_device": total(device), "state_host": total(host)}
+        buffers = getattr(self.state, "buffers", None)
+        grads = [p.grad for p in params if p.grad is not None] + (buffers.tensors() if buffers else [])
+        return {"params": total(params), "grads": total(grads), "state_device": total(device),
+                "state_host": total(host)}

@@ -15,8 +15,8 @@ import torch
 from engine import faults
 from engine.checkpoint import export_hf, load_weights
 from engine.metrics import RunLogger
-from engine.resume import find_resume, load_training_checkpoint, save_training_checkpoint
-from engine.data.packing import PackedBatch, concat
+from engine.resume import find_resume, load_training_checkpoint, prepare_checkpoint_dir, save_training_checkpoint
+from engine.data.packing import PackedBatch, concat, valid_tokens
 from engine.data.synthetic import SyntheticDocuments, SyntheticSequences
 from engine.model.gpt import GPTModel, init_canonical
 from engine.model.sharding import stage_layers
@@ -25,7 +25,7 @@ from engine.parallel.comm import all_reduce_
 from engine.parallel.context import make_core_attention
 from engine.parallel.context.layout import pad_documents, split_for_cp
 from engine.parallel.pipeline.runtime import PipelineRuntime
-from engine.parallel.pipeline.seqchunks import split_units, split_units_cp
+from engine.parallel.pipeline.seqchunks import cp_gather_order, split_units, split_units_cp
 
 
 class NonFiniteTraining(RuntimeError):
@@ -91,10 +91,11 @@ def load_tokenizer(cfg):
     return tok
 
 
-def rank_micro_batches(dataset, step: int, cfg, mesh) -> list:
-    """This rank's share of the global batch of ``step``: the dp rank's sequences as
+def host_micro_batches(dataset, step: int, cfg, mesh) -> list:
+    """This rank's share of the global batch of ``step``, built on the host (CPU tensors, their
+    longest documents and loss-token counts as Python ints): the dp rank's sequences as
     micro-batches, each cut into this cp rank's zigzag slice (I-3) — or, under Seq1F1B, each a
-    list of sequence units (cut first, then laid out over cp)."""
+    list of sequence units (cut first, then laid out over cp, with their prefix gather plans)."""
     gbs, mbs, p = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.parallel
     per_dp = gbs // mesh.dp
     first = step * gbs + mesh.index("dp") * per_dp
@@ -103,37 +104,68 @@ def rank_micro_batches(dataset, step: int, cfg, mesh) -> list:
     where = dict(rp=mesh.rp, hp=mesh.hp, tp=mesh.tp, ring_rank=mesh.index("rp"), head_rank=mesh.index("hp"))
     if p.pp_schedule == "seq1f1b" and p.seq_chunks > 1:
         multiple = mesh.tp if mesh.cp == 1 else 2 * mesh.cp * mesh.tp
+        order = cp_gather_order(mesh) if mesh.cp > 1 else None
         out = []
         for mb in full:
             lengths = unit_lengths(mb.num_tokens, p.seq_chunks, cfg.model, multiple, p.seq_partition)
-            units = (split_units(mb, lengths) if mesh.cp == 1 else
-                     split_units_cp(mb, lengths, cp_group=mesh.group("cp"), **where))
-            out.append([u.to(mesh.device) for u in units])
+            out.append(split_units(mb, lengths) if mesh.cp == 1 else
+                       split_units_cp(mb, lengths, cp_group=mesh.group("cp"), cp_order=order, **where))
         return out
     if mesh.cp > 1:
-        full = [split_for_cp(mb, **where) for mb in full]
-    elif mesh.tp > 1:  # unpacked sequences: a padding document makes the tokens split over tp
-        full = [pad_documents(mb, 1, mesh.tp) if mb.num_tokens % mesh.tp else mb for mb in full]
-    return [mb.to(mesh.device) for mb in full]
+        return [split_for_cp(mb, **where) for mb in full]
+    if mesh.tp > 1:  # unpacked sequences: a padding document makes the tokens split over tp
+        return [pad_documents(mb, 1, mesh.tp) if mb.num_tokens % mesh.tp else mb for mb in full]
+    return full
+
+
+def batches_to(batches: list, device) -> list:
+    """Micro-batches (or Seq1F1B unit lists) on ``device``; host-to-device copies that do not
+    block the host (pinned memory on a real GPU, :func:`engine.data.packing.to_device`)."""
+    return [[u.to(device) for u in mb] if isinstance(mb, list) else mb.to(device) for mb in batches]
+
+
+def rank_micro_batches(dataset, step: int, cfg, mesh) -> list:
+    """:func:`host_micro_batches` on the mesh's device."""
+    return batches_to(host_micro_batches(dataset, step, cfg, mesh), mesh.device)
+
+
+def step_valid_tokens(dataset, step: int, cfg) -> int:
+    """Loss tokens of the whole global batch of ``step`` (every dp×cp rank's together), counted on
+    the host from the data alone: the denominator of I-5, with no collective and no device read."""
+    gbs = cfg.train.global_batch_size
+    return valid_tokens(dataset, range(step * gbs, (step + 1) * gbs))
 
 
 def global_valid_tokens(micro_batches: list[PackedBatch], mesh) -> torch.Tensor:
-    """Valid tokens of the whole step over every dp×cp rank (tp ranks share theirs)."""
-    n = torch.tensor(float(sum(mb.num_valid for mb in micro_batches)), dtype=torch.float64, device=mesh.device)
+    """Valid tokens of the whole step over every dp×cp rank (tp ranks share theirs), as a 0-dim
+    fp64 device tensor: this rank's host counts summed over dp×cp on the device (no host read)."""
+    n = torch.full((), float(sum(mb.num_valid for mb in micro_batches)), dtype=torch.float64, device=mesh.device)
     return all_reduce_(n, mesh.group("dp_cp"))
 
 
-def forward_backward(model, micro_batches: list, mesh, parallel=None) -> tuple[float, int]:
+def forward_backward(model, micro_batches: list, mesh, parallel=None, num_valid: int | None = None,
+                     grad_sync=None) -> tuple[torch.Tensor, int]:
     """Accumulate gradients of loss = Σ token losses / global valid tokens over this rank's
     micro-batches (or Seq1F1B unit lists) through the pipeline schedule; returns (loss of the
-    step, valid tokens)."""
+    step as a 0-dim fp64 device tensor, valid tokens as a host int).
+
+    ``num_valid``: the step's global valid-token count when the host knows it
+    (:func:`step_valid_tokens`; ``train`` passes it): then the step reads nothing back from the
+    device (I-9). Left out, the count is summed over dp×cp on the device and read once (a sync).
+    ``grad_sync``: the optimizer's ``grad_sync`` (``PipelineRuntime.grad_sync``: gradient
+    reduction overlapped with backward), or None."""
     units = [mb if isinstance(mb, list) else [mb] for mb in micro_batches]
-    num_valid = global_valid_tokens([u for mb in units for u in mb], mesh)
+    if num_valid is None:
+        divisor = global_valid_tokens([u for mb in units for u in mb], mesh)
+        num_valid = int(divisor)
+    else:
+        divisor = torch.full((), float(num_valid), dtype=torch.float64, device=mesh.device)
     schedule = parallel.pp_schedule if parallel else "1f1b"
     runtime = PipelineRuntime(list(model), mesh, schedule, len(units[0]))
-    total = runtime.run(units, num_valid)
+    runtime.grad_sync = grad_sync
+    total = runtime.run(units, divisor)
     all_reduce_(total, mesh.group("pp"))  # the loss lives on the last stage
-    return float(all_reduce_(total, mesh.group("dp_cp"))), int(num_valid)
+    return all_reduce_(total, mesh.group("dp_cp")), num_valid
 
 
 def unit_lengths(num_tokens: int, k: int, model_cfg, multiple: int, partition: str) -> list[int]:
@@ -167,24 +199,39 @@ def finish(model, opt, mesh, cfg) -> None:
             print(f"saved checkpoint {where}", flush=True)
     if ck.export_hf:
         tokenizer = cfg.data.tokenizer or (os.path.join(cfg.model.load, "hf") if cfg.model.load else None)
-        with opt.full_weights():  # FSDP2 holds dp×cp shards between steps
-            export_hf(model, mesh, ck.export_hf, tokenizer_from=tokenizer)
+        # streamed tensor by tensor, each stage writing its own (FSDP2's shards gathered one at a time)
+        export_hf(model, mesh, ck.export_hf, tokenizer_from=tokenizer,
+                  dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32)
         if mesh.rank == 0:
             print(f"exported Hugging Face model to {ck.export_hf}", flush=True)
 
 
-def dpo_forward_backward(model, reference, micro_batches, mesh, cfg) -> tuple[float, int, dict]:
+def dpo_forward_backward(model, reference, micro_batches, mesh, cfg,
+                         grad_sync=None) -> tuple[torch.Tensor, int, dict]:
     """DPO step: reference log-probs through the frozen model first (forward only), then the
-    policy's forward/backward with the DPO loss on the last stage."""
+    policy's forward/backward with the DPO loss on the last stage. Returns the loss and the
+    reward metrics as 0-dim device tensors (read once, at logging: I-9) and the pair count.
+    ``grad_sync``: as in :func:`forward_backward`."""
     from engine.recipes.dpo import DPOLoss, compute_reference
 
     compute_reference(PipelineRuntime(list(reference), mesh), micro_batches)
     loss_fn = DPOLoss(cfg, cfg.train.global_batch_size)
     runtime = PipelineRuntime(list(model), mesh, cfg.parallel.pp_schedule)
+    runtime.grad_sync = grad_sync
     total = runtime.run([[mb] for mb in micro_batches], None, loss_fn)
     all_reduce_(total, mesh.group("pp"))
     all_reduce_(total, mesh.group("dp"))  # cp ranks hold the same (already cp-reduced) loss
-    return float(total), cfg.train.global_batch_size, loss_fn.reduce_metrics(mesh)
+    return total, cfg.train.global_batch_size, loss_fn.reduce_metrics(mesh)
+
+
+def read_logged(values: dict) -> dict:
+    """``values`` with every device tensor among them read back as a float, all in ONE
+    device-to-host transfer (I-9: the loop's logging costs one sync, whatever it logs)."""
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    if not keys:
+        return dict(values)
+    host = torch.stack([values[k].detach().reshape(()).double() for k in keys]).tolist()
+    return {**values, **dict(zip(keys, host))}
 
 
 def train(cfg, mesh) -> list[dict]:
@@ -202,6 +249,7 @@ def train(cfg, mesh) -> list[dict]:
     opt = MeshOptimizer(model, cfg.optim, mesh, cfg.train.steps)
     dataset = build_dataset(cfg)
     first_step = 0
+    prepare_checkpoint_dir(cfg, mesh)  # what a killed save left behind, before anything reads or writes there
     where = find_resume(cfg)
     if where:
         first_step = load_training_checkpoint(model, opt, mesh, where)
@@ -219,20 +267,27 @@ def train(cfg, mesh) -> list[dict]:
             from engine.recipes.dpo import dpo_micro_batches
 
             loss, num_tokens, extra = dpo_forward_backward(model, reference, dpo_micro_batches(dataset, step, cfg, mesh),
-                                                           mesh, cfg)
+                                                           mesh, cfg, grad_sync=opt.grad_sync)
         elif flex is not None:
             plan = flex.plan(dataset, step, cfg.train.steps)
             loss, num_tokens = flex.forward_backward(model, dataset, step, plan)
             extra = {"flexsp_micro_batches": len(plan.micro_batches),
                      "flexsp_groups": [[g.size for g in mb] for mb in plan.micro_batches]}
         else:
-            loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh, cfg.parallel)
+            loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh,
+                                                cfg.parallel, num_valid=step_valid_tokens(dataset, step, cfg),
+                                                grad_sync=opt.grad_sync)
         faults.poison_gradients(model.parameters(), step, mesh.rank)
-        stats = opt.step(loss)
+        stats = opt.step(loss)  # a device loss: read with the grad norm for the NaN/Inf check
+        if "loss" in stats:
+            loss = stats.pop("loss")
+        # whatever the loop logs that is still on the device (DPO's metrics): one transfer
+        logged = read_logged({"loss": loss, **extra})
+        loss = logged.pop("loss")
         bad = bad + 1 if stats["skipped"] else 0
         skipped += stats["skipped"]
         dt = time.perf_counter() - t0
-        row = {"step": step, "loss": loss, **stats, "skipped_steps": skipped, **extra, "num_tokens": num_tokens,
+        row = {"step": step, "loss": loss, **stats, "skipped_steps": skipped, **logged, "num_tokens": num_tokens,
                "time_s": dt,
                # throughput counts every token of the step's sequences (loss tokens are num_tokens)
                "tokens_per_s": step_tokens(dataset, step, cfg) / dt}

@@ -155,7 +155,7 @@ def test_unknown_key_with_nothing_close_lists_the_section():
                                           "are dp, tp, pp, cp, hp, sp_mode, ring_window, pp_schedule, vpp, seq_chunks, "
                                           "seq_partition, layers_per_stage, placement, order")
     assert error(["zzzz=1"]) == ("unknown key 'zzzz'; valid sections are recipe, model, parallel, optim, "
-                                 "train, data, dist, checkpoint, dpo, flexsp, and top-level aliases cutoff_len, sequence_parallel_size, "
+                                 "train, data, dist, checkpoint, dpo, flexsp, hardware, and top-level aliases cutoff_len, sequence_parallel_size, "
                                  "sequence_parallel_mode, sequence_parallel_ulysses_degree, "
                                  "sequence_parallel_ring_degree")
 
@@ -334,7 +334,8 @@ def test_round_trip_through_yaml(tmp_path):
     raw = config_to_dict(cfg)
     assert raw["model"]["rope_scaling"]["factor"] == 8.0
     assert raw["parallel"]["tp"] == 2 and set(raw) == {"model", "parallel", "optim", "train",
-                                                       "data", "dist", "checkpoint", "recipe", "dpo", "flexsp"}
+                                                       "data", "dist", "checkpoint", "recipe", "dpo", "flexsp",
+                                                           "hardware"}
     path = str(tmp_path / "resolved.yaml")
     dump_yaml(cfg, path)
     assert load_config(path) == cfg

@@ -6,6 +6,8 @@ shorter than 2·cp before padding), causal, GQA 4:1 and 8:2. Outputs and q/k/v g
 real token equal the full attention's: max|cp − ref| / max|ref| ≤ 1e-5 (fp32).
 The communication counter checks the analytic traffic: per pass, 2·(rp−1) K/V blocks of the real
 KV heads on the ring (and 2·(rp−1) dK/dV blocks in backward); 4 all-to-alls each way for Ulysses.
+The double ring's traffic runs on its inner-window and outer-ring groups (the mesh's rp_inner and
+rp_outer), never on the whole rp group, so NCCL can overlap the two rings.
 """
 from __future__ import annotations
 
@@ -68,12 +70,14 @@ def check_mode(mesh, mode, heads, counts):
     with count_comm() as c:
         out = core(ql, kl, vl, cpb)
         fwd = {kind: (c.total(kind, "calls"), c.total(kind)) for kind in ("ring_kv", "all_to_all")}
+        ring_groups = {key[1] for key in c.calls if key[0] == "ring_kv"}
         c.reset()
         (out * dl).sum().backward()
         bwd = {kind: (c.total(kind, "calls"), c.total(kind)) for kind in ("ring_kv", "ring_dkv", "all_to_all")}
+        ring_groups |= {key[1] for key in c.calls if key[0] in ("ring_kv", "ring_dkv")}
     errs = {n: max_rel_diff(got[real], want[idx[real]])
             for n, got, want in zip(("out", "dq", "dk", "dv"), (out.detach(), ql.grad, kl.grad, vl.grad), ref)}
-    counts[(name, heads)] = {"fwd": fwd, "bwd": bwd, "local_tokens": idx.numel()}
+    counts[(name, heads)] = {"fwd": fwd, "bwd": bwd, "local_tokens": idx.numel(), "ring_groups": ring_groups}
     return errs
 
 
@@ -83,8 +87,8 @@ def world(rank, world_size):
     torch.set_num_threads(1)
     report = {}
     for mode in MODES:
-        name, cp, hp, placement, _ = mode
-        mesh = ParallelMesh.build(cp=cp, hp=hp, dp=world_size // cp, placement=placement)
+        name, cp, hp, placement, window = mode
+        mesh = ParallelMesh.build(cp=cp, hp=hp, dp=world_size // cp, placement=placement, ring_window=window)
         for heads in HEADS:
             counts = {}
             errs = check_mode(mesh, mode, heads, counts)
@@ -97,7 +101,7 @@ def test_cp_attention_equals_full_attention_and_counts_traffic():
     for rank, report in enumerate(reports):
         for (name, heads), (errs, counts) in report.items():
             mode = next(m for m in MODES if m[0] == name)
-            cp, hp = mode[1], mode[2]
+            cp, hp, window = mode[1], mode[2], mode[4]
             rp = cp // hp
             num_heads, num_groups, dim = heads
             assert max(errs.values()) <= 1e-5, (rank, name, heads, errs)
@@ -109,6 +113,13 @@ def test_cp_attention_equals_full_attention_and_counts_traffic():
             assert fwd["ring_kv"] == (2 * (rp - 1), 2 * (rp - 1) * block), (name, heads, fwd)
             assert bwd["ring_kv"] == (2 * (rp - 1), 2 * (rp - 1) * block), (name, heads, bwd)
             assert bwd["ring_dkv"] == (2 * (rp - 1), 2 * (rp - 1) * block), (name, heads, bwd)
+            if window:  # inner window and outer ring each on their own group, never the whole rp group
+                w = window  # cp = rp = world here: ring rank = global rank
+                inner, outer = tuple(range(rank // w * w, rank // w * w + w)), tuple(range(rank % w, rp, w))
+                assert counts["ring_groups"] == {inner, outer}, (rank, counts["ring_groups"])
+            elif rp > 1:  # the plain ring: this rank's rp group only
+                (group,) = counts["ring_groups"]
+                assert len(group) == rp and rank in group, (rank, counts["ring_groups"])
             if hp > 1:
                 a2a = t * dim * 4 * (2 * num_heads + 2 * max(num_groups, hp))  # q, out, k, v
                 assert fwd["all_to_all"] == (4, a2a) and bwd["all_to_all"] == (4, a2a), (name, heads, fwd, bwd)

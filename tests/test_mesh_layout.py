@@ -233,6 +233,30 @@ def test_hp_must_divide_cp(cp, hp):
         rank_layout(cp=cp, hp=hp)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("cp,hp,window", [(8, 1, 2), (8, 2, 2), (16, 2, 4), (8, 1, 1), (8, 1, 8), (8, 1, 0)])
+def test_double_ring_axes(cp, hp, window, placement):
+    """rp_inner: windows of consecutive ring ranks; rp_outer: same position in every window.
+    Both partition the world, are listed in ring order and nest inside this rank's rp group."""
+    lay = rank_layout(tp=2, cp=cp, hp=hp, dp=2, placement=placement, ring_window=window)
+    rp, w = cp // hp, window or cp // hp
+    assert (lay.size("rp_inner"), lay.size("rp_outer")) == (w, rp // w)
+    for rank in range(lay.world_size):
+        ring = lay.group_of("rp", rank)
+        r = ring.index(rank)
+        assert lay.group_of("rp_inner", rank) == ring[r // w * w:r // w * w + w]
+        assert lay.group_of("rp_outer", rank) == [ring[x * w + r % w] for x in range(rp // w)]
+    for axis in ("rp_inner", "rp_outer"):
+        members = sorted(x for g in lay.groups(axis) for x in g)
+        assert members == list(range(lay.world_size)), axis
+
+
+@pytest.mark.parametrize("window", [3, -1, 16])
+def test_ring_window_must_divide_rp(window):
+    with pytest.raises(ValueError, match=rf"parallel\.ring_window={window} .*rp=8"):
+        rank_layout(cp=8, ring_window=window)
+
+
 def test_unknown_axis_and_rank():
     lay = rank_layout(tp=2, dp=2)
     with pytest.raises(ValueError, match="ep"):

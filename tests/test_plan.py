@@ -314,7 +314,7 @@ def test_validate_360lf_table_and_exit_code():
     table = [line.split() for line in out.stdout.splitlines() if line.startswith("qwen2.5-")]
     assert [(t[0], t[1], int(t[4]), int(t[5])) for t in table] == [
         (r["model"], r["recipe"], r["published"], r["predicted"]) for r in rows]
-    assert out.returncode == (0 if all(r["ok"] for r in rows) else 1)
+    assert out.returncode == 0  # a report since issue 14: the published rows contradict each other
     lo, hi = min(r["need_gib"] for r in rows), max(r["need_gib"] for r in rows)
     assert f"rows need {lo:.1f} (" in out.stdout and f"to {hi:.1f} GiB" in out.stdout
 

@@ -170,7 +170,8 @@ def recompute_world(rank, world, meshes):
     for mode, mesh_over in meshes:
         cfg = make_cfg(model + mesh_over + [f"train.recompute={mode}"], world)
         p = cfg.parallel
-        mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, placement=p.placement)
+        mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, placement=p.placement,
+                                  ring_window=p.ring_window)
         report[(mode, " ".join(mesh_over))] = compare(run_steps(cfg, mesh), ref)
     # FlexSP: per-micro-batch groups of 4, 2 and 1 ranks (hybrid 2x2 at 4), unpacked sequences
     from engine.flexsp.runtime import Block, StepPlan

@@ -17,9 +17,8 @@ same next-step loss, and a sharded save resumes at the same mesh and sharding bi
 
 bf16 (fp32 masters): at dp=2 with one micro-batch per rank, zero1, fsdp2 and offload give the
 unsharded bf16 run's losses and weights (measured: identical bits; asserted with the fp32
-tolerances). With several micro-batches per rank fsdp2 differs at bf16 round-off (measured 5e-5 in
-the loss after 3 steps): it accumulates micro-batch gradients in fp32 (reduce_dtype), where
-autograd accumulates the unsharded run's bf16 gradients in bf16.
+tolerances). Every sharding sums micro-batch gradients in fp32 (none and zero1 in their main_grad
+buckets, fsdp2 through its fp32 reduce_dtype: I-10, tests/test_grad_accum.py).
 """
 from __future__ import annotations
 

@@ -139,7 +139,8 @@ def mesh_world_checks(rank, world, meshes, extra=()):
         for mesh_over in meshes:
             cfg = make_cfg(over + mesh_over, world)
             p = cfg.parallel
-            mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, placement=p.placement)
+            mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, placement=p.placement,
+                                      ring_window=p.ring_window)
             report[(model_name, " ".join(mesh_over))] = compare(run_steps(cfg, mesh), ref)
     return report
 

@@ -113,7 +113,7 @@ class Meshtron:
 
         loss, _ = forward_backward(self.model, self.batches, self.mesh, self.cfg.parallel)
         self.opt.step()
-        return loss
+        return float(loss)  # a device tensor; reading it also ends the timed step on a GPU
 
 
 class Transformers:

@@ -109,7 +109,8 @@ def measure(cfg, top: int) -> dict:
     from engine.train import build_dataset, build_model, global_valid_tokens, rank_micro_batches
 
     p = cfg.parallel
-    mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, placement=p.placement, order=p.order)
+    mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, placement=p.placement, order=p.order,
+                              ring_window=p.ring_window)
     model = build_model(cfg, mesh)[0]  # one chunk: no pipeline here
     (batch,) = rank_micro_batches(build_dataset(cfg), 0, cfg, mesh)
     num_valid = global_valid_tokens([batch], mesh)

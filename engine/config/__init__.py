@@ -7,9 +7,9 @@ process group exists and raise `ConfigError` with a message that says what to ch
 
 from engine.config.checks import validate
 from engine.config.loader import ALIASES, config_to_dict, dump_yaml, load_config, parse_cli
-from engine.config.schema import (CheckpointConfig, Config, ConfigError, DataConfig, DistConfig, FlexSPConfig, ModelConfig, OptimConfig,
+from engine.config.schema import (CheckpointConfig, Config, ConfigError, DataConfig, DistConfig, FlexSPConfig, HardwareConfig, ModelConfig, OptimConfig,
                                   ParallelConfig, TrainConfig)
 
-__all__ = ["ALIASES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "FlexSPConfig", "ModelConfig", "OptimConfig",
+__all__ = ["ALIASES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "FlexSPConfig", "HardwareConfig", "ModelConfig", "OptimConfig",
            "ParallelConfig", "TrainConfig", "config_to_dict", "dump_yaml", "load_config", "parse_cli",
            "validate"]

@@ -8,10 +8,13 @@ _AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size
                  "model.num_attention_heads", "model.num_query_groups", "model.vocab_size",
                  "model.make_vocab_size_divisible_by", "model.max_position_embeddings",
                  "parallel.tp", "parallel.pp", "parallel.cp", "parallel.hp", "train.steps",
-                 "train.global_batch_size", "train.micro_batch_size", "train.log_interval")
+                 "train.global_batch_size", "train.micro_batch_size", "train.log_interval",
+                 "optim.grad_bucket_size", "hardware.gpus_per_node")
 _POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std", "optim.lr",
              "optim.eps", "dist.timeout_s", "dist.abort_poll_s")
-_NON_NEGATIVE = ("train.max_bad_steps", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad")
+_NON_NEGATIVE = ("train.max_bad_steps", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad",
+                 "hardware.gpus", "hardware.gpu_memory_gb", "hardware.host_memory_gb",
+                 "checkpoint.every", "checkpoint.keep")
 _CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge"), "model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
             "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference"),
             "data.overflow": ("error", "truncate", "drop"),
@@ -19,14 +22,17 @@ _CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge
             "parallel.sp_mode": ("ring", "ulysses", "hybrid", "flexsp"),
             "train.recompute": ("none", "full", "selective", "attention-cached"),
             "optim.sharding": ("none", "zero1", "fsdp2"), "flexsp.solver": ("milp", "greedy"),
+            "checkpoint.format": ("torch_dist", "torch"),
             "parallel.pp_schedule": ("1f1b", "interleaved", "seq1f1b"),
             "parallel.seq_partition": ("uniform", "compute"),
-            "dist.backend": ("auto", "gloo", "nccl")}
+            "dist.backend": ("auto", "gloo", "nccl"), "hardware.gpu": ("a100", "a800", "h100", "h200")}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def validate(cfg: Config, world_size: int) -> Config:
-    """Check `cfg` for `world_size` ranks; return a copy with `parallel.dp` resolved."""
+def validate(cfg: Config, world_size: int, files: bool = True) -> Config:
+    """Check `cfg` for `world_size` ranks; return a copy with `parallel.dp` resolved. ``files=False``
+    skips the checks that data, tokenizer and checkpoint paths exist (``meshtron-plan --simulate``
+    reads none of them, so a cluster's config is simulated anywhere)."""
     assert world_size >= 1, world_size
     _check_values(cfg)
     cfg = dataclasses.replace(cfg, parallel=_resolve_sp_mode(cfg.parallel))
@@ -35,7 +41,8 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_batch_and_data(cfg, dp)
     _check_pipeline(cfg, dp)
     _check_optim(cfg)
-    _check_paths(cfg)
+    _check_checkpoint(cfg)
+    _check_paths(cfg, files)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
 
 
@@ -213,17 +220,41 @@ def _check_optim(cfg: Config) -> None:
                           "use parallel.pp=1 or optim.sharding=zero1")
 
 
-def _check_paths(cfg: Config) -> None:
-    """Inputs that must exist, checked before any process group or model is built."""
+def _check_checkpoint(cfg: Config) -> None:
+    """checkpoint.format=torch: one file per (tp, pp) rank, in a layout Megatron-LM can express."""
+    if cfg.checkpoint.format != "torch":
+        return
+    if cfg.optim.sharding == "fsdp2":
+        raise ConfigError("checkpoint.format=torch writes each (tp, pp) rank's whole weights into one file, which "
+                          "under optim.sharding=fsdp2 means gathering them from the dp×cp shards; use "
+                          "checkpoint.format=torch_dist (convert it later with meshtron-convert) or optim.sharding=zero1")
+    from engine.model.sharding import stage_layers
+
+    p = cfg.parallel
+    stages = stage_layers(cfg.model.num_layers, p.pp, p.vpp, p.layers_per_stage)
+    lps = [len(stages[v % p.pp][v // p.pp]) for v in range(p.pp * p.vpp)]
+    per_rank = [sum(lps[c * p.pp + r] for c in range(p.vpp)) for r in range(p.pp)]
+    chunks_equal = all(len({lps[c * p.pp + r] for c in range(p.vpp)}) == 1 for r in range(p.pp))
+    if len(set(lps)) > 1 and (not chunks_equal or len(set(per_rank[1:-1])) > 1):
+        raise ConfigError(f"checkpoint.format=torch: layers per stage {lps} cannot be expressed in Megatron-LM's "
+                          f"args (all virtual chunks of a pp rank and all middle pp ranks need the same number "
+                          f"of layers); use checkpoint.format=torch_dist or change parallel.layers_per_stage")
+
+
+def _check_paths(cfg: Config, files: bool = True) -> None:
+    """Inputs that must exist, checked before any process group or model is built (only the rules
+    that need no file when ``files`` is False)."""
     import os
 
+    if cfg.recipe == "dpo" and cfg.parallel.pp_schedule == "seq1f1b":
+        raise ConfigError("recipe=dpo with parallel.pp_schedule=seq1f1b is not supported; use 1f1b or interleaved")
+    if not files:
+        return
     if cfg.model.load is not None and not os.path.isdir(cfg.model.load):
         raise ConfigError(f"model.load={cfg.model.load} does not exist; give a Megatron checkpoint directory "
                           f"(convert a Hugging Face model with meshtron-convert hf-to-megatron)")
     if cfg.recipe == "dpo" and cfg.data.source != "files":
         raise ConfigError("recipe=dpo needs preference records: set data.source=files and data.path")
-    if cfg.recipe == "dpo" and cfg.parallel.pp_schedule == "seq1f1b":
-        raise ConfigError("recipe=dpo with parallel.pp_schedule=seq1f1b is not supported; use 1f1b or interleaved")
     if cfg.data.source == "files":
         import glob
 

@@ -115,6 +115,10 @@ class OptimConfig:
     """AdamW denominator epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    grad_bucket_size: int = 40_000_000
+    """Elements per fp32 gradient bucket (megatron-core's DDP bucket_size): a bucket's dp×cp
+    reduction starts as soon as backward has completed its gradients, overlapping the rest of
+    backward. Smaller buckets start earlier; larger ones use the network better."""
 
 
 @dataclass
@@ -184,11 +188,17 @@ class DistConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None
-    """Where checkpoints go (Megatron torch_dist, iter_NNNNNNN folders); None = train.output_dir/checkpoints."""
+    """Where checkpoints go (iter_NNNNNNN folders); None = train.output_dir/checkpoints."""
+    format: str = "torch_dist"
+    """On-disk format of training checkpoints: "torch_dist" (Megatron's distributed checkpoint:
+    every rank writes its own shards in parallel; loads at any mesh) or "torch" (Megatron-LM's
+    legacy mp_rank_TT[_PPP]/model_optim_rng.pt files, one per (tp, pp) rank, for older tooling;
+    meshtron still resumes it at any mesh). See engine/resume.py."""
     every: int = 0
     """Save a checkpoint every this many optimizer steps (0: only the final one)."""
     keep: int = 3
-    """Keep the last this many checkpoints (0: keep all)."""
+    """Keep the last this many checkpoints of this run (0: keep all); checkpoints of other runs
+    in the same directory are never removed."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
     export_hf: str | None = None
@@ -229,6 +239,22 @@ class FlexSPConfig:
 
 
 @dataclass
+class HardwareConfig:
+    gpus: int = 0
+    """GPUs of the run, i.e. the world size (meshtron-plan and --simulate read it; 0 = not stated,
+    and parallel.dp then has to be given). Training uses the world torchrun launches."""
+    gpu: str = "h100"
+    """The GPU the config is meant for: "a100", "a800", "h100" or "h200" (memory, FLOP/s and
+    bandwidths of meshtron-plan, engine/plan/devices.py)."""
+    gpu_memory_gb: float = 0.0
+    """Memory of one GPU in GiB; 0 = that of hardware.gpu."""
+    gpus_per_node: int = 8
+    """GPUs per node (the intra-node bandwidth and the host memory are per node)."""
+    host_memory_gb: float = 2048.0
+    """Host (CPU) memory per node in GiB, for offloaded states."""
+
+
+@dataclass
 class Config:
     recipe: str = "sft"
     """What to train: "sft" (token cross-entropy on the responses) or "dpo" (preference pairs)."""
@@ -250,6 +276,8 @@ class Config:
     """DPO loss (recipe: dpo)."""
     flexsp: FlexSPConfig = field(default_factory=FlexSPConfig)
     """The FlexSP planner (parallel.sp_mode: flexsp)."""
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    """The machines the config is meant for (meshtron-plan, meshtron-plan --simulate)."""
 
 
 # Keys of other tools (LLaMA-Factory) accepted at the top level of the YAML and as overrides

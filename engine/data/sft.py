@@ -78,6 +78,7 @@ class _RecordIndex:
         self.source = RecordSource(paths, skip_bad_records)
         self.counts: Counter = Counter()
         self._file, self._offset, self._line, self.lengths = array("i"), array("q"), array("q"), array("i")
+        self.valid = array("i")  # SFT: loss tokens per record (each step's global count, on the host)
         for loc, sample in iter_samples(self.source, kind, format):
             enc = self._encode(loc, sample, self.counts)
             if enc is None:
@@ -86,6 +87,8 @@ class _RecordIndex:
             self._offset.append(loc.offset)
             self._line.append(loc.line)
             self.lengths.append(len(enc[0]) if kind == "sft" else len(enc[0]) + max(map(len, enc[1:])))
+            if kind == "sft":  # document_arrays: a label where the mask is set, never on the last token
+                self.valid.append(sum(enc[1][:-1]))
         if not self.lengths:
             raise DataError(f"no usable records in {self.source.files} (stats: {self.stats})")
 
@@ -163,6 +166,11 @@ class SFTDataset(_RecordIndex):
         assert len(bins) == self.sequences_per_epoch  # FFD bin count depends only on the lengths
         docs = [document_arrays(ids, mask)[:2] for ids, mask in self.load(bins[k])]
         return pack(docs, pad_to=self.cutoff_len if self.pack else None)
+
+    def valid_tokens(self, index: int) -> int:
+        """Loss tokens of sequence ``index`` without reading it (padding carries none)."""
+        epoch, k = divmod(index, self.sequences_per_epoch)
+        return sum(self.valid[r] for r in self.bins(epoch)[k])
 
     def length(self, index: int) -> int:
         """Tokens of sequence ``index`` without reading it."""

@@ -26,12 +26,13 @@ ranks must not solve independently: their plans could differ).
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from engine.data.packing import concat
+from engine.data.packing import concat, valid_tokens
 from engine.parallel.comm import all_reduce_
 from engine.parallel.context import CoreAttention
 from engine.parallel.context.layout import split_for_cp
@@ -121,7 +122,7 @@ class FlexGroups:
             return
         ring_rank, head_rank = shape.coords(members.index(me))
         rp_ranks, hp_ranks = rp_groups[head_rank], hp_groups[ring_rank]
-        ring = DoubleRing(made[tuple(rp_ranks)], rp_ranks, ring_rank)
+        ring = DoubleRing(rp_ranks, ring_rank, inner_group=made[tuple(rp_ranks)])  # a plain ring
         self._attention[(start, shape.size)] = CoreAttention(shape.hp, made[tuple(hp_ranks)], head_rank, ring)
 
     def attention(self, start: int, size: int) -> CoreAttention:
@@ -193,17 +194,16 @@ class FlexSPRuntime:
                 self._async[1].submit(step + 1)
             plan = StepPlan.of(plan)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [plan]
-            dist.broadcast_object_list(box, src=0)
-            plan = box[0]
+            plan = broadcast_plan(plan, self.mesh.device)
         self.plans.append(plan)
         return plan
 
     # -- one step -------------------------------------------------------------------------------
     def micro_batches(self, dataset, step: int, plan) -> list[tuple[int, int, object | None, int]]:
-        """This rank's work per planned micro-batch: ``(start, size, batch or None, valid)`` where
-        ``batch`` is this rank's slice of its block's packed sequences (None: an idle block) and
-        ``valid`` the block's valid tokens when this rank is the block's first member, else 0."""
+        """This rank's work per planned micro-batch, built on the host: ``(start, size, batch or
+        None, valid)`` where ``batch`` is this rank's slice of its block's packed sequences (None:
+        an idle block; CPU tensors, moved when it runs) and ``valid`` the block's valid tokens when
+        this rank is the block's first member, else 0."""
         index, ids, out = self.groups.pool_index, self.step_indices(step), []
         for groups in plan.micro_batches:
             g = next(g for g in groups if g.start <= index < g.start + g.size)
@@ -215,31 +215,91 @@ class FlexSPRuntime:
             ring_rank, head_rank = shape.coords(index - g.start)
             batch = split_for_cp(full, rp=shape.rp, hp=shape.hp, tp=self.mesh.tp, ring_rank=ring_rank,
                                  head_rank=head_rank)
-            out.append((g.start, g.size, batch.to(self.mesh.device), full.num_valid if index == g.start else 0))
+            out.append((g.start, g.size, batch, full.num_valid if index == g.start else 0))
         return out
 
-    def forward_backward(self, model, dataset, step: int, plan) -> tuple[float, int]:
+    def forward_backward(self, model, dataset, step: int, plan) -> tuple[torch.Tensor, int]:
         """Gradients of Σ token losses / global valid tokens over this rank's planned work;
-        returns (loss of the step, valid tokens of the step)."""
+        returns (loss of the step as a 0-dim device tensor, valid tokens of the step). The valid
+        count is the step's, counted on the host from the data (no collective, no device read,
+        I-9); the loss is read by the caller, once, with what it logs."""
+        work = self.micro_batches(dataset, step, plan)
+        return self.run(model, work, valid_tokens(dataset, self.step_indices(step)))
+
+    def run(self, model, work: list, num_valid: int) -> tuple[torch.Tensor, int]:
+        """The device part of :meth:`forward_backward`: ``work`` from :meth:`micro_batches`,
+        ``num_valid`` the step's global valid-token count (a host int)."""
         from engine.parallel.pipeline.runtime import PipelineRuntime
 
-        work = self.micro_batches(dataset, step, plan)
-        num_valid = torch.tensor(float(sum(w[3] for w in work)), dtype=torch.float64, device=self.mesh.device)
-        all_reduce_(num_valid, self.mesh.group("dp_cp"))
+        divisor = torch.full((), float(num_valid), dtype=torch.float64, device=self.mesh.device)
         runtime = PipelineRuntime(list(model), self.mesh)
         total = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
         for start, size, batch, _ in work:
             if batch is None:
                 continue
             self.attention.use(start, size)
-            total += runtime.run([[batch]], num_valid)
-        return float(all_reduce_(total, self.mesh.group("dp_cp"))), int(num_valid)
+            total += runtime.run([[batch.to(self.mesh.device)]], divisor)
+        return all_reduce_(total, self.mesh.group("dp_cp")), num_valid
 
     def close(self) -> None:
         if self._async is not None:
             close = getattr(self._async[1], "close", None)
             if close:
                 close()
+
+
+# -- the plan's broadcast ---------------------------------------------------------------------
+_PLAN_CAPACITY = 1 << 15  # int64 words of the first broadcast: plans of up to ~30k blocks + sequences
+
+
+def _encode_plan(plan: StepPlan) -> list[int]:
+    """``[length, M, (B, (start, size, n, seqs…)…)…, makespan bits, solve time bits, solver bytes…]``."""
+    words = [0, len(plan.micro_batches)]
+    for groups in plan.micro_batches:
+        words.append(len(groups))
+        for g in groups:
+            words += [g.start, g.size, len(g.seqs), *g.seqs]
+    words += [struct.unpack("<q", struct.pack("<d", x))[0] for x in (plan.makespan, plan.solve_time_s)]
+    words += list(plan.solver.encode())
+    words[0] = len(words)
+    return words
+
+
+def _decode_plan(words: list[int]) -> StepPlan:
+    it = iter(words[1:words[0]])
+    mbs = []
+    for _ in range(next(it)):
+        groups = []
+        for _ in range(next(it)):
+            start, size, n = next(it), next(it), next(it)
+            groups.append(Block(start, size, tuple(next(it) for _ in range(n))))
+        mbs.append(tuple(groups))
+    makespan, solve = (struct.unpack("<d", struct.pack("<q", next(it)))[0] for _ in range(2))
+    return StepPlan(tuple(mbs), makespan, bytes(it).decode(), solve)
+
+
+def broadcast_plan(plan: StepPlan | None, device) -> StepPlan:
+    """Global rank 0's plan on every rank, as int64 words broadcast on the mesh's device (I-7):
+    one broadcast of a fixed-size buffer and one device-to-host read on the receivers (a second
+    pair only for a plan larger than the buffer), where ``broadcast_object_list`` needs two."""
+    from engine.data.packing import to_device
+
+    if dist.get_rank() == 0:
+        words = _encode_plan(plan)
+        head = torch.zeros(_PLAN_CAPACITY, dtype=torch.int64)
+        head[:min(len(words), _PLAN_CAPACITY)] = torch.tensor(words[:_PLAN_CAPACITY], dtype=torch.int64)
+        dist.broadcast(to_device(head, device), src=0)
+        if len(words) > _PLAN_CAPACITY:
+            dist.broadcast(to_device(torch.tensor(words[_PLAN_CAPACITY:], dtype=torch.int64), device), src=0)
+        return plan
+    buf = torch.empty(_PLAN_CAPACITY, dtype=torch.int64, device=device)
+    dist.broadcast(buf, src=0)
+    words = buf.tolist()  # the one host read of the plan
+    if words[0] > _PLAN_CAPACITY:
+        rest = torch.empty(words[0] - _PLAN_CAPACITY, dtype=torch.int64, device=device)
+        dist.broadcast(rest, src=0)
+        words += rest.tolist()
+    return _decode_plan(words)
 
 
 def sequence_length(dataset, index: int) -> int:

@@ -251,24 +251,26 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
 
 class _LocalAttention(torch.autograd.Function):
     """Autograd over the kernel contract; the implementation is chosen by ``dispatch`` (flash
-    kernels on CUDA, this module's kernels elsewhere).
+    kernels on CUDA, this module's kernels elsewhere). ``max_q``/``max_k``: the longest document
+    of ``cu_q``/``cu_k`` as Python ints from the host (the flash kernels need them; None reads
+    them off the device tensors, a host sync per call).
 
     ``keep`` (activation recomputation, engine/model/recompute.py): on the first run the
     ``(out, lse)`` are stashed in it; when the region runs again they are taken back instead of
     computed, so the saved tensors are the same and the kernel does not run twice."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale, keep=None):
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, keep=None):
         from engine.kernels import dispatch
 
         if keep is not None and keep.replaying:
             out, lse = keep.unstash()
         else:
-            out, lse = dispatch.forward(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
+            out, lse = dispatch.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale)
             if keep is not None:
                 keep.stash(out, lse)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.max_q, ctx.max_k = causal, scale, max_q, max_k
         return out.view_as(out)
 
     @staticmethod
@@ -276,11 +278,12 @@ class _LocalAttention(torch.autograd.Function):
         from engine.kernels import dispatch
 
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = dispatch.backward(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+        dq, dk, dv = dispatch.backward(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k,
                                        causal=ctx.causal, scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def local_attention(q, k, v, cu_seqlens, causal=True, scale=None, keep=None):
-    """Varlen self-attention of packed documents on one rank (autograd through the contract)."""
-    return _LocalAttention.apply(q, k, v, cu_seqlens, cu_seqlens, causal, scale, keep)
+def local_attention(q, k, v, cu_seqlens, causal=True, scale=None, keep=None, max_len=None):
+    """Varlen self-attention of packed documents on one rank (autograd through the contract);
+    ``max_len``: the longest document of ``cu_seqlens`` (a host int; see :class:`_LocalAttention`)."""
+    return _LocalAttention.apply(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal, scale, keep)

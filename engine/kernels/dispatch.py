@@ -18,7 +18,9 @@ head h uses KV head h // (H/G), which both flash kernels do natively), D head di
 ``q/out/dout/dq [Tq, H, D]``, ``k/v/dk/dv [Tk, G, D]``, ``lse [H, Tq]`` fp32, ``cu_seqlens``
 int32 ``[num_docs + 1]``. That lse layout is the "unpadded" varlen layout that flash-attn >= 2.6
 and torch's vendored copy return natively, so no backend reshapes it. Causal with len_q != len_k
-is aligned bottom-right. ``max_q``/``max_k`` default to the longest document (one host sync).
+is aligned bottom-right. ``max_q``/``max_k`` (the longest document of ``cu_seqlens_q``/``_k``)
+are Python ints the caller knows from the host (the batch carries them, I-9); left out, the flash
+paths read them off ``cu_seqlens`` — a host-device sync per call, for ad-hoc callers only.
 
 Rows with no visible key (causal with len_q > len_k, or an empty key document) give out 0 and
 lse -inf on every backend. The reference does so itself. Both flash kernels write out 0 but lse
@@ -72,9 +74,9 @@ def _flash_unsupported(q: torch.Tensor) -> str | None:
 def _available(name: str) -> bool:
     if name == "flash_attn":
         return _flash_attn() is not None
-    if name == "torch_flash":
+    if name == "torch_flash":  # asked only for a CUDA tensor (_flash_unsupported), so CUDA is there
         check = getattr(torch.backends.cuda, "is_flash_attention_available", None)
-        return torch.cuda.is_available() and (check is None or check())
+        return check() if check is not None else torch.backends.cuda.is_built()
     return True
 
 
@@ -183,8 +185,8 @@ _KERNELS = {"flash_attn": (_fa_forward, _fa_backward), "torch_flash": (_tf_forwa
 # -- the contract ------------------------------------------------------------------------------
 def _max_len(cu_seqlens: torch.Tensor, given) -> int:
     if given is not None:
-        return int(given)
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        return int(given)  # a Python int from the host: no device read
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0  # a sync
 
 
 def _kernel_args(q, k, v, cu_q, cu_k, max_q, max_k, scale):

@@ -157,14 +157,16 @@ class SelfAttention(nn.Module):
         q, k, v = _QKVRope.apply(self.linear_qkv(x_th), *rope, self.num_groups, self.head_dim)
         keep = region if region is not None and region.keeps_attention else None
         cache = getattr(batch, "cache", None)
+        # longest documents come with the batch as host ints (I-9: the kernels never read cu_seqlens)
         if cache is not None and cache.cp_group is None:  # Seq1F1B unit: keys of earlier units too
             k, v = rc.extend_cache(cache, self.layer_id, k, v, region)
             out = _LocalAttention.apply(q, k[batch.k_start:], v[batch.k_start:], batch.cu_seqlens,
-                                        batch.cu_seqlens_k, True, None, keep)
+                                        batch.cu_seqlens_k, batch.max_seqlen, batch.max_seqlen_k, True, None, keep)
         else:  # (a Seq1F1B unit under context parallelism: the prefix joins the ring)
-            prefix = None if cache is None else rc.cache_prefix(cache, self.layer_id, batch.unit, k, v, region)
+            prefix = None if cache is None else rc.cache_prefix(cache, self.layer_id, batch, k, v, region)
             if self.core_attention is None:
-                out = local_attention(q, k, v, batch.cu_seqlens, causal=True, keep=keep)
+                out = local_attention(q, k, v, batch.cu_seqlens, causal=True, keep=keep,
+                                      max_len=getattr(batch, "max_seqlen", None))
             elif keep is not None:
                 out = rc.kept_core_attention(self.core_attention, q, k, v, batch, prefix, keep)
             elif prefix is not None:

@@ -121,10 +121,10 @@ def extend_cache(cache, layer: int, k: torch.Tensor, v: torch.Tensor, region: Re
             torch.cat([e[3] for e in earlier] + [v]) if earlier else v)
 
 
-def cache_prefix(cache, layer: int, unit: int, k: torch.Tensor, v: torch.Tensor, region: Region | None):
-    """``cache.prefix(layer, unit, k, v)``; on a rerun the entry it appends is removed again (the
-    prefix it gathers — the first ``unit`` entries — is the same, and its all-gather is repeated
-    by every cp rank)."""
+def cache_prefix(cache, layer: int, unit, k: torch.Tensor, v: torch.Tensor, region: Region | None):
+    """``cache.prefix(layer, unit, k, v)`` (``unit``: the CPSeqUnit, with its prefix gather plan);
+    on a rerun the entry it appends is removed again (the prefix it gathers — the entries of the
+    earlier units — is the same, and its all-gather is repeated by every cp rank)."""
     entries = cache.layers.setdefault(layer, [])
     count = len(entries)
     try:
@@ -149,7 +149,8 @@ class _KeptRingAttention(torch.autograd.Function):
         else:
             out, lse = ring_forward(q, k, v, meta, ring, scale)
             if k_pre is not None:  # Seq1F1B: earlier units' keys of the same document, all visible
-                o, l = attention_forward(q, k_pre, v_pre, meta.cu_seqlens, cu_pre, causal=False, scale=scale)
+                o, l = attention_forward(q, k_pre, v_pre, meta.cu_seqlens, cu_pre, meta.max_len,
+                                         meta.prefix_max_len, causal=False, scale=scale)
                 _merge(out, lse, o, l)
             out = out.to(q.dtype)
             region.stash(out, lse)

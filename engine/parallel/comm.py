@@ -180,13 +180,3 @@ def gather_shards(t: torch.Tensor, group) -> list[torch.Tensor]:
     COUNTER.record("all_gather", group, _nbytes(t) * (len(out) - 1))
     dist.all_gather(out, t.contiguous(), group=group)
     return out
-
-
-def gather_objects(obj, group, dst: int) -> list | None:
-    """Every group member's picklable ``obj`` on global rank ``dst`` (None elsewhere); for
-    checkpoint assembly, not for hot paths."""
-    if _size(group) == 1:
-        return [obj]
-    out = [None] * _size(group) if dist.get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst, group=group)
-    return out

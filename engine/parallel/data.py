@@ -4,14 +4,15 @@ the whole mesh.
 I-5: the loss of every micro-batch is already divided by the *global* number of valid tokens, so
 gradients are **summed** over dp×cp, never averaged. Parameters replicated over tp (the norms)
 receive partial gradients under sequence parallelism (each tp rank saw 1/tp of the tokens); they
-are summed over tp first, as Megatron does for its layernorm gradients.
+are summed over tp as well, as Megatron does for its layernorm gradients.
 
-Three ways to hold the optimizer state over dp×cp (``optim.sharding``), all summing the same
-gradients: ``none`` all-reduces every gradient (:func:`reduce_gradients`); ``zero1``
-(engine/parallel/zero.py) reduce-scatters flat gradient buckets (:func:`reduce_scatter_flat`) and
-all-gathers the updated parameters (:func:`all_gather_flat`); ``fsdp2`` (engine/parallel/fsdp.py)
-lets torch's ``fully_shard`` reduce-scatter per layer. The last two then sum only the tp and tied-
-embedding replicas (:func:`reduce_replicas`) on their shards.
+I-10: gradients are summed in fp32 buffers (``main_grad``, engine/parallel/grads.py) whose
+buckets reduce over dp×cp as soon as backward completes them: ``none`` all-reduces each bucket
+(:func:`all_reduce_async`), ``zero1`` (engine/parallel/zero.py) reduce-scatters it into the
+rank's shard of the same buffer (:func:`reduce_scatter_async`) and all-gathers the updated
+parameters (:func:`all_gather_flat`); ``fsdp2`` (engine/parallel/fsdp.py) lets torch's
+``fully_shard`` reduce-scatter per layer. Then the tp replicas and the tied-embedding copies are
+summed (:func:`reduce_replicas`), on whole gradients or on the shards.
 """
 from __future__ import annotations
 
@@ -35,19 +36,9 @@ def _coalesced_all_reduce(tensors: list[torch.Tensor], group) -> None:
             t.copy_(r)
 
 
-def reduce_gradients(params: list[torch.nn.Parameter], grads: list[torch.Tensor], mesh) -> None:
-    """Sum ``grads`` (aligned with ``params``) over dp×cp, and tp-replicated ones over tp."""
-    _coalesced_all_reduce([g for p, g in zip(params, grads) if p.tp_dim is None], mesh.group("tp"))
-    _coalesced_all_reduce(grads, mesh.group("dp_cp"))
-    # tied embeddings over pipeline stages: the first stage's embedding and the last stage's copy
-    # are one weight; both get the sum of their gradients and stay equal
-    _coalesced_all_reduce([g for p, g in zip(params, grads) if getattr(p, "shared_embedding", False)],
-                          mesh.group("pp_ends"))
-
-
 def reduce_replicas(params: list[torch.nn.Parameter], grads: list[torch.Tensor], mesh) -> None:
-    """The part of :func:`reduce_gradients` that is not over dp×cp: tp-replicated gradients summed
-    over tp, tied-embedding copies over the pipeline ends. Works on whole gradients or on the same
+    """The sums that are not over dp×cp: tp-replicated gradients summed over tp, tied-embedding
+    copies over the pipeline ends. Works on whole gradients or on the same
     dp×cp shard of them (the tp peers and both pipeline ends of a rank have the same dp×cp index, so
     they hold the same elements)."""
     _coalesced_all_reduce([g for p, g in zip(params, grads) if p.tp_dim is None], mesh.group("tp"))
@@ -61,18 +52,28 @@ def shard_index(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def reduce_scatter_flat(flat: torch.Tensor, group) -> torch.Tensor:
-    """Sum a 1-D buffer (numel a multiple of the group size) over ``group``; return this rank's
-    contiguous slice of the sum (:func:`shard_index`). Gloo supports reduce-scatter on torch 2.13,
-    so this is a true reduce-scatter, not an all-reduce followed by slicing. No autograd."""
+def all_reduce_async(flat: torch.Tensor, group):
+    """Start summing a 1-D buffer over ``group`` in place; returns the work to ``wait()`` (None
+    when there is no group). No autograd."""
     if group is None:
-        return flat.clone()
+        return None
+    COUNTER.record("all_reduce", group, flat.numel() * flat.element_size())
+    return dist.all_reduce(flat, group=group, async_op=True)
+
+
+def reduce_scatter_async(flat: torch.Tensor, group):
+    """Start summing a 1-D buffer (numel a multiple of the group size) over ``group`` into this
+    rank's slice of it, ``flat[r·S:(r+1)·S]`` with r = :func:`shard_index` — in place, as
+    megatron-core's distributed optimizer does (NCCL and gloo accept the output aliasing its
+    slot of the input). Returns the work to ``wait()`` (None without a group). No autograd."""
+    if group is None:
+        return None
     n = dist.get_world_size(group)
     assert flat.dim() == 1 and flat.numel() % n == 0, (flat.shape, n)
-    out = torch.empty(flat.numel() // n, dtype=flat.dtype, device=flat.device)
+    size = flat.numel() // n
+    r = dist.get_rank(group)
     COUNTER.record("reduce_scatter", group, flat.numel() * flat.element_size() * (n - 1) // n)
-    _reduce_scatter_tensor(out, flat.contiguous(), group=group)
-    return out
+    return _reduce_scatter_tensor(flat[r * size:(r + 1) * size], flat, group=group, async_op=True)
 
 
 def all_gather_flat(shard: torch.Tensor, flat: torch.Tensor, group) -> None:
@@ -93,18 +94,18 @@ def global_grad_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor]
 
     tp-sharded gradients are disjoint pieces (summed over tp); tp-replicated ones are counted on
     tp rank 0 only; pipeline stages hold disjoint layers (summed over pp). Unsharded, dp×cp
-    replicas are identical after :func:`reduce_gradients` and are not summed; ``sharded`` means
+    replicas are identical after the reduction and are not summed; ``sharded`` means
     each ``grads[i]`` is this rank's disjoint dp×cp piece of ``params[i]``'s gradient (ZeRO-1,
     FSDP2), so the squares are summed over dp×cp as well: the norm of all shards together.
     """
     first_tp = mesh.index("tp") == 0
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else mesh.device)
     last_stage_copy = mesh.pp > 1 and mesh.index("pp") == mesh.pp - 1
-    for p, g in zip(params, grads):
-        if getattr(p, "shared_embedding", False) and last_stage_copy:
-            continue  # counted once, on the first stage
-        if p.tp_dim is not None or first_tp:
-            sq += g.double().pow(2).sum()
+    counted = [g for p, g in zip(params, grads)
+               if not (getattr(p, "shared_embedding", False) and last_stage_copy)  # counted on the first stage
+               and (p.tp_dim is not None or first_tp)]
+    # one fp32 norm per tensor (no float64 copy of a gradient), their squares summed in float64
+    norms = torch._foreach_norm([g for g in counted if g.numel()]) if counted else []
+    sq = torch.stack(norms).double().pow(2).sum() if norms else torch.zeros((), dtype=torch.float64)
     sq = sq.to(mesh.device)  # offloaded shards live on the CPU; the collectives run where the mesh does
     all_reduce_(sq, mesh.group("tp"))
     all_reduce_(sq, mesh.group("pp"))

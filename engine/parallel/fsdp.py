@@ -46,7 +46,7 @@ def _chunk0(t: torch.Tensor, num: int, slot: int) -> torch.Tensor:
 
 class FSDPState:
     """AdamW on ``fully_shard``-ed parameters; the interface of the other state objects of
-    :class:`engine.optim.MeshOptimizer` (reduce, adam_step, local_state, full_weights, …)."""
+    :class:`engine.optim.MeshOptimizer` (reduce, adam_step, checkpoint_pieces, full_weights, …)."""
 
     sharded = True
     offload = False
@@ -146,30 +146,30 @@ class FSDPState:
             owner, leaf = name.rsplit(".", 1)
             setattr(self.model.get_submodule(owner), leaf, p)
 
-    def _local_shard(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
-        local = _chunk0(full.to(device=like.device, dtype=like.dtype), self.num_shards, self.slot).clone()
-        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                                  stride=like.stride())
-
-    def local_state(self) -> dict:
-        """Whole local moments (and fp32 masters under bf16) aligned with ``params``."""
-        out = {key: [self.adam.state[p][key].full_tensor() if p in self.adam.state else None for p in self.params]
-               for key in ("exp_avg", "exp_avg_sq")}
-        out["masters"] = [p.detach().full_tensor() for p in self.params] if self.mixed else None
+    def checkpoint_pieces(self) -> list[tuple[int, int, int, dict[str, torch.Tensor]]]:
+        """Views for checkpoints (see engine/optim.py ``ReplicatedState.checkpoint_pieces``): this
+        rank's dim-0 shard of every parameter (rows ``slot·ceil(R/D)`` on, as ``torch.chunk`` cuts
+        them), which under bf16 is also the fp32 master, and its moments once stepped."""
+        out = []
+        for i, p in enumerate(self.params):
+            local = p.to_local()
+            rows = p.shape[0]
+            start = min(self.slot * -(-rows // self.num_shards), rows) * (p.numel() // rows)
+            roles = {"param": local.view(-1)}
+            if self.mixed:
+                roles["fp32_param"] = roles["param"]
+            state = self.adam.state.get(p)
+            if state:
+                roles.update(exp_avg=state["exp_avg"].to_local().view(-1),
+                             exp_avg_sq=state["exp_avg_sq"].to_local().view(-1))
+            out.append((i, start, start + local.numel(), roles))
         return out
 
-    def load_local_state(self, exp_avg, exp_avg_sq, masters, step: int) -> None:
-        """Keep this rank's shards of whole local moments and masters (weights already loaded)."""
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if masters is not None:
-                    p.to_local().copy_(_chunk0(masters[i].to(p.device), self.num_shards, self.slot))
-                if exp_avg is not None:
-                    self.adam.state[p] = {"step": torch.tensor(float(step)),
-                                          "exp_avg": self._local_shard(exp_avg[i], p),
-                                          "exp_avg_sq": self._local_shard(exp_avg_sq[i], p)}
+    def init_moments(self, step: int) -> None:
+        """Zero AdamW moments (DTensors sharded like the parameters) at step count ``step``."""
+        for p in self.params:
+            self.adam.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
 
     # -- accounting ----------------------------------------------------------------------------
     def state_tensors(self) -> list[torch.Tensor]:

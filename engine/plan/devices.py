@@ -42,17 +42,22 @@ class Device:
     cpu_adam_s_per_param: float
     """Seconds of host time per parameter for one Adam step (DeepSpeed CPUAdam, AVX-512, all cores of
     the GPU's share of the host); only used when the optimizer is offloaded."""
+    memory_gib: float = 80.0
+    """Memory of one GPU as ``torch.cuda.get_device_properties().total_memory`` reports it, in GiB."""
 
 
 # A100/A800 (same silicon; the A800 caps NVLink at 400 GB/s): 312 TFLOP/s bf16 peak, linear layers
 # at ~53 % (Megatron-LM 7B-scale MFU), FlashAttention-2 causal at ~51 %; NVLink 3 all-to-all ~150
 # GB/s algorithmic, one HDR 200 Gb/s port per GPU ~16 GB/s; PCIe 4.0 x16 ~20 GB/s.
 # H100-SXM: 989 TFLOP/s dense peak at ~45 % / ~35 %; NVLink 4 ~300 GB/s, NDR 400 Gb/s ~35 GB/s;
-# PCIe 5.0 x16 ~40 GB/s.
+# PCIe 5.0 x16 ~40 GB/s. H200: the H100's GH100 with 141 GB of HBM3e (same FLOP/s and links; its
+# 4.8 TB/s memory bandwidth is not modelled). Memory as torch reports it: A100-80GB 81920 MiB,
+# A800 79.15 GiB (engine/plan/lf360.py), H100-SXM 81559 MiB, H200 143771 MiB.
 DEVICES: dict[str, Device] = {
-    "a100": Device("a100", 1.65e14, 1.6e14, 1.5e11, 1.6e10, 2.0e10, 1.0e-9),
-    "a800": Device("a800", 1.65e14, 1.6e14, 1.0e11, 1.6e10, 2.0e10, 1.0e-9),
-    "h100": Device("h100", 4.45e14, 3.5e14, 3.0e11, 3.5e10, 4.0e10, 1.0e-9),
+    "a100": Device("a100", 1.65e14, 1.6e14, 1.5e11, 1.6e10, 2.0e10, 1.0e-9, 80.0),
+    "a800": Device("a800", 1.65e14, 1.6e14, 1.0e11, 1.6e10, 2.0e10, 1.0e-9, 79.15),
+    "h100": Device("h100", 4.45e14, 3.5e14, 3.0e11, 3.5e10, 4.0e10, 1.0e-9, 79.65),
+    "h200": Device("h200", 4.45e14, 3.5e14, 3.0e11, 3.5e10, 4.0e10, 1.0e-9, 140.4),
 }
 
 

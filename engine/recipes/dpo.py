@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.data.packing import PackedBatch, concat, pack
+from engine.data.packing import PackedBatch, concat, pack, to_device
 from engine.loss import vocab_parallel_cross_entropy
 from engine.parallel.comm import all_reduce_
 from engine.parallel.context.layout import split_for_cp
@@ -45,12 +45,17 @@ class DPOMicroBatch:
     num_pairs: int
     reference: torch.Tensor | None = None
 
-    def __getattr__(self, name):  # the model reads tokens, positions, cu_seqlens / meta
+    def __getattr__(self, name):  # the model reads tokens, positions, cu_seqlens / meta, max_seqlen
         return getattr(self.__dict__["batch"], name)
 
+    def to(self, device) -> "DPOMicroBatch":
+        return DPOMicroBatch(self.batch.to(device), to_device(self.segment_ids, device), self.num_pairs,
+                             None if self.reference is None else to_device(self.reference, device))
 
-def dpo_micro_batches(dataset: PairSequences, step: int, cfg, mesh) -> list[DPOMicroBatch]:
-    """This rank's micro-batches of pairs for ``step`` (the same global batch on every mesh)."""
+
+def dpo_micro_batches(dataset: PairSequences, step: int, cfg, mesh, device=None) -> list[DPOMicroBatch]:
+    """This rank's micro-batches of pairs for ``step`` (the same global batch on every mesh), built
+    on the host and moved to ``device`` (default: the mesh's; ``"cpu"`` keeps them on the host)."""
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_dp = gbs // mesh.dp
     first = step * gbs + mesh.index("dp") * per_dp
@@ -64,7 +69,7 @@ def dpo_micro_batches(dataset: PairSequences, step: int, cfg, mesh) -> list[DPOM
             seg_batch = PackedBatch(seg + 1, batch.labels, batch.position_ids, batch.cu_seqlens)
             seg = split_for_cp(seg_batch, **where).tokens - 1   # padding added by the layout -> -1
             batch = split_for_cp(batch, **where)
-        out.append(DPOMicroBatch(batch.to(mesh.device), seg.to(mesh.device), mbs))
+        out.append(DPOMicroBatch(batch, seg, mbs).to(mesh.device if device is None else device))
     return out
 
 
@@ -105,13 +110,16 @@ class DPOLoss:
             self.metrics[k] = self.metrics.get(k, 0.0) + v.detach().double()
         return loss
 
-    def reduce_metrics(self, mesh) -> dict[str, float]:
-        """Step metrics over every dp rank (on the last stage; zeros elsewhere, then over pp).
-        cp ranks hold identical copies, so they are not summed."""
+    def reduce_metrics(self, mesh) -> dict[str, torch.Tensor]:
+        """Step metrics over every dp rank (on the last stage; zeros elsewhere, then over pp), as
+        0-dim device tensors: the caller reads them with the loss in one transfer (I-9). cp
+        ranks hold identical copies, so they are not summed."""
         keys = ["num_pairs", "rewards/accuracy", "rewards/chosen", "rewards/margin", "rewards/rejected"]
-        t = torch.tensor([float(self.metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=mesh.device)
+        if self.metrics:
+            t = torch.stack([self.metrics[k] for k in keys])
+        else:  # not the last stage
+            t = torch.zeros(len(keys), dtype=torch.float64, device=mesh.device)
         all_reduce_(t, mesh.group("pp"))
         all_reduce_(t, mesh.group("dp"))
-        values = dict(zip(keys, t.tolist()))
-        pairs = max(values.pop("num_pairs", 0.0), 1.0)
-        return {k: v / pairs for k, v in values.items()}
+        values = t[1:] / t[0].clamp_min(1.0)
+        return dict(zip(keys[1:], values.unbind()))

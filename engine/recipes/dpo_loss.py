@@ -112,5 +112,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         metrics = {"rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(),
                    "rewards/accuracy": (r_c > r_r).to(r_c.dtype).sum(),
                    "rewards/margin": (r_c - r_r).sum(),
-                   "num_pairs": torch.tensor(float(h.numel()), dtype=r_c.dtype, device=h.device)}
+                   # a fill, not torch.tensor(..., device=): no blocking host-to-device copy (I-9)
+                   "num_pairs": torch.full((), float(h.numel()), dtype=r_c.dtype, device=h.device)}
     return losses.sum() / num_pairs_global, metrics

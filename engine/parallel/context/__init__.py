@@ -16,12 +16,19 @@ from engine.parallel.context.ring import DoubleRing, ring_attention
 from engine.parallel.context.ulysses import heads_to_seq, kv_for_heads, seq_to_heads
 
 
-def make_core_attention(mesh, ring_window: int = 0):
-    """The core attention of this rank's mesh position (None when cp = 1: the model's default)."""
+def make_core_attention(mesh, ring_window: int | None = None):
+    """The core attention of this rank's mesh position (None when cp = 1: the model's default).
+
+    The double ring's window is the mesh's (``ParallelMesh.build(ring_window=...)``), which owns
+    its inner and outer groups; ``ring_window``, when given (the config's), must agree with it."""
     if mesh.cp == 1:
         return None
+    if ring_window is not None and (ring_window or mesh.rp) != (mesh.ring_window or mesh.rp):
+        raise ValueError(f"parallel.ring_window={ring_window} but the mesh was built with ring_window="
+                         f"{mesh.ring_window}; pass ring_window={ring_window} to ParallelMesh.build")
     # rp = 1 (Ulysses) is a ring of one rank: only its local causal step runs
-    ring = DoubleRing(mesh.group("rp"), mesh.ranks("rp"), mesh.index("rp"), ring_window)
+    ring = DoubleRing(mesh.ranks("rp"), mesh.index("rp"), mesh.ring_window,
+                      inner_group=mesh.group("rp_inner"), outer_group=mesh.group("rp_outer"))
     return CoreAttention(mesh.hp, mesh.group("hp"), mesh.index("hp"), ring)
 
 

@@ -17,11 +17,11 @@ its front (chunk r) and back (chunk 2rp−1−r) halves.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-from engine.data.packing import PackedBatch
+from engine.data.packing import PackedBatch, to_device
 from engine.loss import IGNORE_INDEX
 
 
@@ -33,6 +33,10 @@ class CPMeta:
     ``half_cu_seqlens`` [docs+1]: the same documents' halves (c_d tokens each);
     ``front_idx`` / ``back_idx``: stream positions of chunk r / chunk 2rp−1−r tokens, document by
     document (so ``stream[front_idx]`` is a packed batch with ``half_cu_seqlens``).
+    ``max_len`` / ``half_max_len``: the longest document of ``cu_seqlens`` / ``half_cu_seqlens``,
+    Python ints computed on the host (the flash kernels' ``max_seqlen``: no device read, I-9).
+    ``prefix_max_len``: Seq1F1B under cp, the longest document piece of the unit's prefix (the
+    earlier units' keys, :class:`~engine.parallel.pipeline.seqchunks.KVCache`); 0 otherwise.
     """
 
     rp: int
@@ -41,22 +45,22 @@ class CPMeta:
     half_cu_seqlens: torch.Tensor
     front_idx: torch.Tensor
     back_idx: torch.Tensor
+    max_len: int = 0
+    half_max_len: int = 0
+    prefix_max_len: int = 0
 
     def to(self, device) -> "CPMeta":
-        return CPMeta(self.rp, self.ring_rank, *(t.to(device) for t in (
-            self.cu_seqlens, self.half_cu_seqlens, self.front_idx, self.back_idx)))
+        return replace(self, **{f.name: to_device(getattr(self, f.name), device) for f in fields(self)
+                                if torch.is_tensor(getattr(self, f.name))})
 
 
 @dataclass
 class CPBatch(PackedBatch):
     """This cp rank's slice of a micro-batch (``tokens``/``labels``/``position_ids`` of its tokens;
-    ``cu_seqlens`` of the whole ring stream) and the ring metadata."""
+    ``cu_seqlens`` of the whole ring stream, ``max_seqlen`` its longest document) and the ring
+    metadata. ``num_valid`` counts this rank's loss tokens only."""
 
     meta: CPMeta = None
-
-    def to(self, device) -> "CPBatch":
-        return CPBatch(self.tokens.to(device), self.labels.to(device), self.position_ids.to(device),
-                       self.cu_seqlens.to(device), self.meta.to(device))
 
 
 def _cu(lens: list[int]) -> torch.Tensor:
@@ -113,10 +117,13 @@ def split_for_cp(batch: PackedBatch, *, rp: int, hp: int, tp: int, ring_rank: in
     lens = padded.doc_lens
     stream_idx, front, back = ring_stream_index(lens, rp, ring_rank)
     ring_lens = [n // rp for n in lens]
-    meta = CPMeta(rp, ring_rank, _cu(ring_lens), _cu([n // 2 for n in ring_lens]), front, back)
+    longest = max(ring_lens, default=0)
+    meta = CPMeta(rp, ring_rank, _cu(ring_lens), _cu([n // 2 for n in ring_lens]), front, back,
+                  max_len=longest, half_max_len=longest // 2)
     per_hp = stream_idx.numel() // hp
     mine = stream_idx[head_rank * per_hp:(head_rank + 1) * per_hp]
-    return CPBatch(padded.tokens[mine], padded.labels[mine], padded.position_ids[mine], meta.cu_seqlens, meta)
+    return CPBatch(padded.tokens[mine], padded.labels[mine], padded.position_ids[mine], meta.cu_seqlens,
+                   max_seqlen=longest, meta=meta)
 
 
 def gather_cp_slices(slices: dict[tuple[int, int], CPBatch], rp: int, hp: int) -> PackedBatch:

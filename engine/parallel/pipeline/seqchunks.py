@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from engine.data.packing import PackedBatch
-from engine.parallel.comm import gather_along_dim, gather_shards
+from engine.parallel.comm import gather_along_dim
 from engine.parallel.context.layout import CPBatch, split_for_cp
 
 
@@ -23,39 +24,23 @@ class KVCache:
 
     With context parallelism (``cp_group``) each rank caches its own zigzag slice of every unit;
     a unit's prefix is all-gathered over cp (its backward reduce-scatters the prefix gradient to
-    the owners) and regrouped per document of the unit (padding dropped)."""
+    the owners) and regrouped per document of the unit (padding dropped) by the unit's gather
+    plan, which :func:`split_units_cp` computed on the host (no collective, no device read)."""
 
-    def __init__(self, cp_group=None, doc_of: torch.Tensor | None = None):
+    def __init__(self, cp_group=None):
         self.layers: dict[int, list[tuple[torch.Tensor, ...]]] = {}
-        self.cp_group, self.doc_of = cp_group, doc_of
-        self.token_index: list[torch.Tensor] = []   # per unit: micro-batch index of each local token (-1: pad)
-        self.piece_docs: list[torch.Tensor] = []    # per unit: document of each ring-stream piece (-1: pad)
-        self._plans: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cp_group = cp_group
 
-    def prefix(self, layer: int, unit: int, k: torch.Tensor, v: torch.Tensor):
+    def prefix(self, layer: int, unit: "CPSeqUnit", k: torch.Tensor, v: torch.Tensor):
         """Cache this unit's K/V; return ``(k_pre, v_pre, cu_pre)`` of the earlier units, grouped
         per document piece of this unit's ring stream (None for the first unit)."""
         entries = self.layers.setdefault(layer, [])
         entries.append((k, k.detach().requires_grad_(True), v, v.detach().requires_grad_(True)))
-        if unit == 0:
+        if unit.unit == 0:
             return None
-        perm, cu = self._plan(unit)
-        k_all = gather_along_dim(torch.cat([e[1] for e in entries[:unit]]), 0, self.cp_group)
-        v_all = gather_along_dim(torch.cat([e[3] for e in entries[:unit]]), 0, self.cp_group)
-        return k_all[perm], v_all[perm], cu
-
-    def _plan(self, unit: int):
-        if unit not in self._plans:
-            index = torch.cat(gather_shards(torch.cat(self.token_index[:unit]), self.cp_group))
-            docs = torch.where(index >= 0, self.doc_of[index.clamp(min=0)], -1)
-            rows, counts = [], []
-            for d in self.piece_docs[unit].tolist():
-                r = ((docs == d) & (index >= 0)).nonzero().squeeze(1) if d >= 0 else index.new_zeros(0)
-                rows.append(r[index[r].argsort()])
-                counts.append(r.numel())
-            cu = torch.tensor([0] + counts, device=index.device).cumsum(0).to(torch.int32)
-            self._plans[unit] = (torch.cat(rows), cu)
-        return self._plans[unit]
+        k_all = gather_along_dim(torch.cat([e[1] for e in entries[:unit.unit]]), 0, self.cp_group)
+        v_all = gather_along_dim(torch.cat([e[3] for e in entries[:unit.unit]]), 0, self.cp_group)
+        return k_all[unit.prefix_index], v_all[unit.prefix_index], unit.prefix_cu
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Keys/values of every unit so far: cached leaves of earlier units, then this unit's
@@ -83,52 +68,83 @@ class KVCache:
 class SeqUnit(PackedBatch):
     """One unit of a micro-batch: its tokens/labels/positions and the key ranges (``cu_seqlens``
     are the unit's query pieces per document, ``cu_seqlens_k`` the matching key ranges counted
-    from ``k_start``), plus the micro-batch's cache."""
+    from ``k_start``; ``max_seqlen``/``max_seqlen_k`` their longest, host ints), plus the
+    micro-batch's cache."""
 
     cu_seqlens_k: torch.Tensor = None
     k_start: int = 0
     cache: KVCache = None
-
-    def to(self, device) -> "SeqUnit":
-        return SeqUnit(self.tokens.to(device), self.labels.to(device), self.position_ids.to(device),
-                       self.cu_seqlens.to(device), self.cu_seqlens_k.to(device), self.k_start, self.cache)
+    max_seqlen_k: int = 0
 
 
 @dataclass
 class CPSeqUnit(CPBatch):
-    """A Seq1F1B unit under context parallelism: this rank's zigzag slice of the unit."""
+    """A Seq1F1B unit under context parallelism: this rank's zigzag slice of the unit, and the
+    gather plan of its prefix: ``prefix_index`` picks, from the earlier units' K/V all-gathered
+    over cp, the rows of each document piece of this unit's ring stream in token order, and
+    ``prefix_cu`` [pieces+1] bounds them (longest: ``meta.prefix_max_len``). None for unit 0."""
 
     unit: int = 0
     cache: KVCache = None
+    prefix_index: torch.Tensor | None = None
+    prefix_cu: torch.Tensor | None = None
 
-    def to(self, device) -> "CPSeqUnit":
-        base = CPBatch.to(self, device)
-        return CPSeqUnit(base.tokens, base.labels, base.position_ids, base.cu_seqlens, base.meta, self.unit,
-                         self.cache)
+
+def cp_gather_order(mesh) -> list[tuple[int, int]]:
+    """``(ring rank, head rank)`` of every rank of this rank's cp group, in the order an
+    all-gather over the group concatenates their slices (their process-group ranks)."""
+    group = mesh.group("cp")
+    ranks = sorted(mesh.ranks("cp"), key=lambda g: dist.get_group_rank(group, g))
+    return [(mesh.layout.coords(g)["rp"], mesh.layout.coords(g)["hp"]) for g in ranks]
+
+
+def _prefix_plan(held: list[torch.Tensor], doc_of: torch.Tensor, piece_docs: list[int]):
+    """Host-side gather plan of a unit's prefix. ``held``: micro-batch index of every row of the
+    all-gathered earlier units' K/V (-1: padding), ``piece_docs``: the document of each piece
+    of the unit's ring stream (-1: the layout's padding document). Returns ``(index, cu, longest)``."""
+    index = torch.cat(held)
+    docs = torch.where(index >= 0, doc_of[index.clamp(min=0)], -1)
+    rows, counts = [], []
+    for d in piece_docs:
+        r = (docs == d).nonzero().squeeze(1) if d >= 0 else index.new_zeros(0)
+        rows.append(r[index[r].argsort()])
+        counts.append(r.numel())
+    cu = torch.tensor([0] + counts).cumsum(0).to(torch.int32)
+    return torch.cat(rows), cu, max(counts, default=0)
 
 
 def split_units_cp(batch: PackedBatch, lengths: list[int], *, rp: int, hp: int, tp: int, ring_rank: int,
-                   head_rank: int, cp_group) -> list[CPSeqUnit]:
+                   head_rank: int, cp_group, cp_order: list[tuple[int, int]]) -> list[CPSeqUnit]:
     """Cut a full micro-batch into units of the given token counts, then lay each unit out over
-    the cp ranks (I-3; documents cut at unit boundaries are pieces of the same document)."""
+    the cp ranks (I-3; documents cut at unit boundaries are pieces of the same document).
+
+    The layout is a function of the micro-batch alone, so this rank computes every cp rank's
+    token slices (``cp_order``: :func:`cp_gather_order`) and from them each unit's prefix gather
+    plan, here on the host."""
     if sum(lengths) != batch.num_tokens:
         raise ValueError(f"unit lengths {lengths} add up to {sum(lengths)}, not {batch.num_tokens} tokens")
     cu = batch.cu_seqlens.long()
     doc_of = torch.searchsorted(cu[1:], torch.arange(batch.num_tokens), right=True)
-    cache, units, b = KVCache(cp_group, doc_of), [], 0
-    where = dict(rp=rp, hp=hp, tp=tp, ring_rank=ring_rank, head_rank=head_rank)
+    cache, units, b = KVCache(cp_group), [], 0
+    held: list[list[torch.Tensor]] = [[] for _ in cp_order]  # per gather position: its units' token indices
     for j, n in enumerate(lengths):
         e = b + n
         bounds = sorted({b, e} | {x for x in cu.tolist() if b < x < e})
         pieces = torch.tensor(bounds) - b
         piece = PackedBatch(batch.tokens[b:e], batch.labels[b:e], batch.position_ids[b:e], pieces.to(torch.int32))
         index = PackedBatch(torch.arange(b, e) + 1, piece.labels, piece.position_ids, piece.cu_seqlens)
-        local = split_for_cp(piece, **where)
-        cache.token_index.append(split_for_cp(index, **where).tokens - 1)
-        docs = doc_of[torch.tensor(bounds[:-1])]
-        extra = local.meta.cu_seqlens.numel() - 1 - docs.numel()  # the layout's padding document
-        cache.piece_docs.append(torch.cat([docs, torch.full((extra,), -1, dtype=torch.long)]))
-        units.append(CPSeqUnit(local.tokens, local.labels, local.position_ids, local.cu_seqlens, local.meta, j, cache))
+        local = split_for_cp(piece, rp=rp, hp=hp, tp=tp, ring_rank=ring_rank, head_rank=head_rank)
+        docs = doc_of[torch.tensor(bounds[:-1])].tolist()
+        extra = local.meta.cu_seqlens.numel() - 1 - len(docs)  # the layout's padding document
+        plan = (None, None, 0)
+        if j:
+            plan = _prefix_plan([t for rank in held for t in rank], doc_of, docs + [-1] * extra)
+        for position, (r, h) in enumerate(cp_order):
+            held[position].append(split_for_cp(index, rp=rp, hp=hp, tp=tp, ring_rank=r, head_rank=h).tokens - 1)
+        local.meta.prefix_max_len = plan[2]
+        units.append(CPSeqUnit(local.tokens, local.labels, local.position_ids, local.cu_seqlens,
+                               max_seqlen=local.max_seqlen, num_valid=local.num_valid, meta=local.meta, unit=j,
+                               cache=cache, prefix_index=plan[0], prefix_cu=plan[1]))
         b = e
     return units
 
@@ -147,7 +163,8 @@ def split_units(batch: PackedBatch, lengths: list[int]) -> list[SeqUnit]:
         k_lens = [min(t, e) - s for s, t in inside]
         cu_q = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
         cu_k = torch.tensor([0] + k_lens).cumsum(0).to(torch.int32)
-        units.append(SeqUnit(batch.tokens[b:e], batch.labels[b:e], batch.position_ids[b:e], cu_q, cu_k,
-                             k_start, cache))
+        units.append(SeqUnit(batch.tokens[b:e], batch.labels[b:e], batch.position_ids[b:e], cu_q,
+                             max_seqlen=max(q_lens), cu_seqlens_k=cu_k, k_start=k_start, cache=cache,
+                             max_seqlen_k=max(k_lens)))
         b = e
     return units
