@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"meshtron-train: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         else:  # a consequence of another rank's failure, which that rank prints
-            print(f"meshtron-train: rank {rank} stopping: {watchdog.failed_peer()} "
+            from engine.watchdog import peer_summary
+
+            print(f"meshtron-train: rank {rank} stopping: {peer_summary(watchdog.failed_peer())} "
                   f"(its error is printed by that rank)", file=sys.stderr, flush=True)
         if watchdog is not None:
             watchdog.leave(1)

@@ -263,11 +263,16 @@ def train(cfg, mesh) -> list[dict]:
         t0 = time.perf_counter()
         faults.at_step_start(step, mesh.rank)
         extra = {}
+        # gradient buckets reduce during backward; a step whose gradients a test poisons on some
+        # rank (MESHTRON_FAULT=nan@...) reduces them after it instead, on every rank (the same
+        # collectives in the same order), so the NaN is in what is reduced
+        poisoned = any(faults.active("nan", step, r) for r in range(mesh.layout.world_size))
+        grad_sync = None if poisoned else opt.grad_sync
         if cfg.recipe == "dpo":
             from engine.recipes.dpo import dpo_micro_batches
 
             loss, num_tokens, extra = dpo_forward_backward(model, reference, dpo_micro_batches(dataset, step, cfg, mesh),
-                                                           mesh, cfg, grad_sync=opt.grad_sync)
+                                                           mesh, cfg, grad_sync=grad_sync)
         elif flex is not None:
             plan = flex.plan(dataset, step, cfg.train.steps)
             loss, num_tokens = flex.forward_backward(model, dataset, step, plan)
@@ -276,7 +281,7 @@ def train(cfg, mesh) -> list[dict]:
         else:
             loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh,
                                                 cfg.parallel, num_valid=step_valid_tokens(dataset, step, cfg),
-                                                grad_sync=opt.grad_sync)
+                                                grad_sync=grad_sync)
         faults.poison_gradients(model.parameters(), step, mesh.rank)
         stats = opt.step(loss)  # a device loss: read with the grad norm for the NaN/Inf check
         if "loss" in stats:

@@ -96,9 +96,16 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             record = self.failed_peer()
             if record is not None and not record.startswith(f"rank {self.rank}:"):
-                print(f"meshtron-train: rank {self.rank} stopping: {record.splitlines()[0]} "
+                print(f"meshtron-train: rank {self.rank} stopping: {peer_summary(record)} "
                       f"(its error is printed by that rank)", file=sys.stderr, flush=True)
                 self.leave(1)
+
+
+def peer_summary(record: str, width: int = 80) -> str:
+    """The start of another rank's abort record, for this rank's notice: the failing rank and
+    its error's first words (the whole message is printed once, by that rank)."""
+    line = record.splitlines()[0] if record else record
+    return line if len(line) <= width else line[:width - 1].rstrip() + "…"
 
 
 def last_line(exc: BaseException) -> str:

@@ -102,8 +102,14 @@ class GradBuffers:
         self._final: set[int] = set()
         self._done: set[int] = set()
         self._next = 0
-        self._handles = [p.register_post_accumulate_grad_hook(self._accumulate)
-                         for b in self.buckets for p in b.params]
+        for b in self.buckets:
+            for p in b.params:
+                # a new optimizer over the same model supersedes the old buffers: their hook would
+                # otherwise take the gradient first (and keep the old buffers alive)
+                old = getattr(p, "_main_grad_hook", None)
+                if old is not None:
+                    old.remove()
+                p._main_grad_hook = p.register_post_accumulate_grad_hook(self._accumulate)
         self._reset_pending()
 
     # -- accumulation and overlap --------------------------------------------------------------

@@ -283,6 +283,8 @@ def step_memory_tracker():
     replaces the module tracking by one question, "is autograd running": tensors made in forward
     are activations, tensors made in backward temporaries (activation gradients, recomputed
     activations, attention backward buffers), tensors made in the optimizer step optimizer states.
+    MemTracker updates its peak only in those module (and optimizer) hooks; this one checks the
+    peak after every op, where the step's activations and temporaries reach theirs.
     Built on MemTracker's private members (torch 2.13)."""
     from torch._guards import active_fake_mode
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
@@ -309,5 +311,17 @@ def step_memory_tracker():
                 self._deregister_param_and_optimizer_hooks()
                 self._restore_resize()
             TorchDispatchMode.__exit__(self, *args)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self.note_peak()
+            return out
+
+        def note_peak(self) -> None:
+            """Take the current totals as the peak where they exceed it (per device)."""
+            for dev, snap in self._curr_mem_snap.items():
+                if snap[_TOTAL_KEY] > self._peak_mem.get(dev, 0):
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
 
     return StepMemTracker()

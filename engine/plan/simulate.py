@@ -145,6 +145,9 @@ def _run_rank(cfg, rank: int, device, start: float) -> dict:
         model = build_model(cfg, mesh)
         reference = build_model(cfg, mesh).requires_grad_(False).eval() if cfg.recipe == "dpo" else None
         opt = MeshOptimizer(model, cfg.optim, mesh, cfg.train.steps)
+        # a step of the steady state (every step after the first): AdamW's moments exist before
+        # the forward, as they do from the second step of a run or after a resume
+        opt.restore_step(1, moments=True)
         host = _host_batches(cfg, mesh)
         tracker = step_memory_tracker()
         _track(tracker, model, reference, opt)
@@ -226,7 +229,7 @@ def _step(cfg, model, reference, opt, mesh, host) -> dict:
     batches, num_valid = host
     if cfg.recipe == "dpo":
         loss, _, extra = train.dpo_forward_backward(model, reference, [mb.to(mesh.device) for mb in batches],
-                                                    mesh, cfg)
+                                                    mesh, cfg, grad_sync=opt.grad_sync)
     else:
         loss, _ = train.forward_backward(model, train.batches_to(batches, mesh.device), mesh, cfg.parallel,
                                          num_valid=num_valid, grad_sync=opt.grad_sync)
@@ -238,19 +241,24 @@ def _step(cfg, model, reference, opt, mesh, host) -> dict:
 
 def _save(cfg, model, opt, mesh, tracker) -> float:
     """A checkpoint save through the real save path into :class:`DiscardWriter`; returns the
-    device peak of the save alone (bytes above what the step left)."""
-    import inspect
-
+    device peak of the save alone (bytes above what the step left on the device). The tracker's
+    overall peak stays the larger of the step's and the save's."""
     from engine.resume import save_training_checkpoint
 
-    if "storage_writer" not in inspect.signature(save_training_checkpoint).parameters:
-        return float("nan")
-    before = _categories(tracker.get_tracker_snapshot("current").get(mesh.device, {}))["total"]
+    dev = mesh.device
+    step_peak, step_snap = dict(tracker._peak_mem), copy.deepcopy(tracker._peak_mem_snap)
+    current = tracker.get_tracker_snapshot("current")
+    before = _categories(current.get(dev, {}))["total"]
+    tracker._peak_mem_snap = current  # measure the save's own peak from here
+    tracker._peak_mem = {d: snap.get("Total", 0) for d, snap in current.items()}
     with tempfile.TemporaryDirectory() as root:
         sim_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=root, keep=0))
         save_training_checkpoint(model, opt, mesh, sim_cfg, 1, storage_writer=DiscardWriter)
-    after = _categories(tracker.get_tracker_snapshot("peak").get(mesh.device, {}))["total"]
-    return max(0.0, after - before)
+    save_total = tracker._peak_mem.get(dev, 0)
+    for d, total in step_peak.items():  # the report's peak: the larger of step and save, per device
+        if total >= tracker._peak_mem.get(d, 0):
+            tracker._peak_mem[d], tracker._peak_mem_snap[d] = total, step_snap[d]
+    return max(0.0, save_total - before)
 
 
 def _track(tracker, model, reference, opt) -> None:

@@ -53,10 +53,13 @@ class KVCache:
 
     def extra_roots(self, unit: int):
         """(tensors, grads) to add to unit ``unit``'s backward: the gradient later units gave
-        to its cached K/V."""
+        to its cached K/V. Releases the unit's cache entries: units run backward last to first,
+        so no later backward reads them, and a micro-batch's cache is gone once its first unit's
+        backward has run (not kept, with its gradients, until the end of the step)."""
         roots, grads = [], []
         for entries in self.layers.values():
             k, k_leaf, v, v_leaf = entries[unit]
+            entries[unit] = None
             for t, leaf in ((k, k_leaf), (v, v_leaf)):
                 if leaf.grad is not None:
                     roots.append(t)
