@@ -17,22 +17,27 @@ IGNORE_INDEX = -100
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, vocab_size, group):
+        # one fp32 working tensor [T, V/tp] beside the logits: the fp32 copy of bf16 logits (or a
+        # clone of fp32 ones) is shifted and exponentiated in place and becomes the saved softmax
         x = logits.float()
-        local_vocab = x.shape[-1]
+        private = x is not logits  # bf16 logits: x is a copy, ours to change in place
         real = vocab_size - vocab_start  # real ids in this slice (may be <= 0 or > local_vocab)
+        local_vocab = x.shape[-1]
         if real < local_vocab:
-            x = x.clone()
+            x = x if private else x.clone()
+            private = True
             x[:, max(real, 0):] = float("-inf")
         shift = x.amax(-1).clamp_min(torch.finfo(torch.float32).min)
         all_reduce_max_(shift, group)
-        exp = torch.exp(x - shift[:, None])
-        sum_exp = all_reduce_(exp.sum(-1), group)
 
         local_ids = labels - vocab_start
         here = (local_ids >= 0) & (local_ids < local_vocab)
         safe_ids = local_ids.clamp(0, local_vocab - 1)
         target = torch.where(here, x.gather(-1, safe_ids[:, None]).squeeze(-1) - shift, 0.0)
         all_reduce_(target, group)
+        exp = (x.sub_(shift[:, None]) if private else x - shift[:, None]).exp_()
+        del x
+        sum_exp = all_reduce_(exp.sum(-1), group)
 
         valid = labels != IGNORE_INDEX
         loss = torch.where(valid, torch.log(sum_exp) - target, 0.0)

@@ -98,11 +98,10 @@ def model_extras_per_token(m, tp: int, s: int, first: bool, last: bool, num_chun
 
 
 def loss_transient_per_token(m, tp: int, s: int) -> float:
-    """On top of the saved softmax, while the vocab-parallel cross-entropy runs forward: the logits
-    (s), their fp32 copy (4, bf16 only) and the clone that masks vocabulary padding (4, when the
-    vocabulary is padded); engine/loss.py."""
-    vp = m.padded_vocab(tp) / tp
-    return vp * (s + (4 if s == 2 else 0) + (4 if m.padded_vocab(tp) != m.vocab_size else 0))
+    """On top of the saved softmax, while the vocab-parallel cross-entropy runs forward: the
+    logits themselves (s); the fp32 working tensor that becomes the softmax is the saved one
+    (engine/loss.py shifts and exponentiates it in place)."""
+    return m.padded_vocab(tp) / tp * s
 
 
 def cp_buffers_per_token(m, tp: int, hp: int, rp: int, s: int) -> float:

@@ -5,12 +5,12 @@ Model states (engine/optim.py, engine/parallel/zero.py, engine/parallel/fsdp.py)
 this rank's tp shard of its pipeline stage, D = dp·cp, s_p bytes of a parameter (2 bf16, 4 fp32):
 
 ========  ====================  ===================================  ===============================
-sharding  params                grads (+ at the step)                optimizer (device; 0 if offload)
+sharding  params                grads                                optimizer (device; 0 if offload)
 ========  ====================  ===================================  ===============================
-none      s_p·P                 s_p·P (+4P fp32 if bf16, +4P flat    (4 masters if bf16 + 8 Adam)·P
-                                copy for the dp×cp all-reduce)
-zero1     s_p·P                 s_p·P (+4P bucket.float() if bf16,   (4 if bf16 + 8)·P/D
-                                +4P/D reduced shard)
+none      s_p·P                 4P: fp32 ``main_grad`` buckets,      (4 masters if bf16 + 8 Adam)·P
+                                all-reduced in place
+zero1     s_p·P                 4P: fp32 buckets, reduce-scattered   (4 if bf16 + 8)·P/D
+                                in place
 fsdp2     4P/D + 2 layers·s_p   4P/D + 1 layer·4                     8P/D
 ========  ====================  ===================================  ===============================
 
@@ -134,13 +134,11 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
     layer = layer_params(m) / mesh.tp
     if run.sharding == "fsdp2":
         params, grads, optim = 4 * p / pool + 2 * layer * s_p, 4 * p / pool + 4 * layer, 8 * p / pool
-        step_extra = 0.0
-    elif run.sharding == "zero1":  # the bucket's fp32 copy (bf16) and this rank's reduced shard
-        params, grads, optim = s_p * p, s_p * p, (12 if run.bf16 else 8) * p / pool
-        step_extra = (4 * p if run.bf16 else 0.0) + (4 * p / pool if pool > 1 else 4 * p)
-    else:  # fp32 gradients of the masters (bf16), flattened once more for the dp×cp all-reduce
-        params, grads, optim = s_p * p, s_p * p, (12 if run.bf16 else 8) * p
-        step_extra = (4 * p if run.bf16 else 0.0) + (4 * p if pool > 1 else 0.0)
+    elif run.sharding == "zero1":  # fp32 main_grad buckets; fp32 masters (bf16 only) and moments of 1/pool
+        params, grads, optim = s_p * p, 4 * p, (12 if run.bf16 else 8) * p / pool
+    else:  # fp32 main_grad buckets (reduced in place), fp32 masters (bf16 only) and moments
+        params, grads, optim = s_p * p, 4 * p, (12 if run.bf16 else 8) * p
+    step_extra = 0.0
     host = 0.0
     if run.offload:
         host, optim = optim, 0.0
