@@ -82,9 +82,11 @@ class FSDPState:
         self.params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
+        # fused on CUDA (DTensor shards included), as the other states: no foreach temporaries
+        fused = all(p.is_cuda for p in self.params)
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
     def _mark(self, named) -> None:
         for n, p in named:

@@ -97,6 +97,13 @@ def model_extras_per_token(m, tp: int, s: int, first: bool, last: bool, num_chun
     return extra
 
 
+def loss_saved_per_token(m, tp: int, s: int) -> float:
+    """What the last stage saves outside the layers for the loss: the final norm, the fp32
+    softmax [T, Vp/tp] with its int64 ids and two bool masks (part of
+    :func:`model_extras_per_token`)."""
+    return _norm(m, tp, s) + 4 * m.padded_vocab(tp) / tp + 8 + 2
+
+
 def loss_transient_per_token(m, tp: int, s: int) -> float:
     """On top of the saved softmax, while the vocab-parallel cross-entropy runs forward: the
     logits themselves (s); the fp32 working tensor that becomes the softmax is the saved one

@@ -132,8 +132,15 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
     p = n["sharded"] + n["replicated"]
     s_p, pool = (2 if run.bf16 else 4), mesh.dp * mesh.cp
     layer = layer_params(m) / mesh.tp
+    window_bwd = window_fwd = 0.0
     if run.sharding == "fsdp2":
-        params, grads, optim = 4 * p / pool + 2 * layer * s_p, 4 * p / pool + 4 * layer, 8 * p / pool
+        # fp32 shards (the masters) and their gradient shards; the chunk's own parameters
+        # (embedding, final norm, output layer) stay gathered from its forward to its backward;
+        # a layer is gathered for its forward and again for its backward (the next one
+        # prefetched: two at a time), its unsharded fp32 gradient alive until reduce-scattered
+        root = p - num_layers * layer
+        params, grads, optim = 4 * p / pool + s_p * root, 4 * p / pool, 8 * p / pool
+        window_fwd, window_bwd = 2 * layer * s_p, 2 * layer * s_p + 4 * layer
     elif run.sharding == "zero1":  # fp32 main_grad buckets; fp32 masters (bf16 only) and moments of 1/pool
         params, grads, optim = s_p * p, 4 * p, (12 if run.bf16 else 8) * p / pool
     else:  # fp32 main_grad buckets (reduced in place), fp32 masters (bf16 only) and moments
@@ -144,7 +151,8 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
         host, optim = optim, 0.0
     if run.recipe == "dpo":
         params += s_p * p  # the frozen reference model
-    return {"params": params, "grads": grads, "optimizer": optim, "step_extra": step_extra, "host": host}
+    return {"params": params, "grads": grads, "optimizer": optim, "step_extra": step_extra, "host": host,
+            "window_fwd": window_fwd, "window_bwd": window_bwd}
 
 
 def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[str, dict[str, float]], float]:
@@ -155,26 +163,38 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
     st = _states(m, mesh, run, num_layers, first, last)
     s, tp, hp = (2 if run.bf16 else 4), mesh.tp, mesh.hp
     tokens = tokens_per_rank(run.seq_len, mesh, run.micro_batch_size)
+    # a unit of work: the micro-batch, or one of its k sequence units (Seq1F1B)
+    k = run.seq_chunks if run.pp_schedule == "seq1f1b" else 1
+    unit = tokens / k
     kept = act.kept_per_layer(m, tp, hp, s, run.recompute) * num_layers
-    kept += act.model_extras_per_token(m, tp, s, first, last, len(chunks), run.recompute)
+    kept += act.model_extras_per_token(m, tp, s, first, False, len(chunks), run.recompute)
     saved = kept * tokens * in_flight(run, mesh, stage)
+    # the loss's saved softmax: of the micro-batch whose last forward ran (every unit of it)
+    loss_saved = act.loss_saved_per_token(m, tp, s) * tokens if last else 0.0
+    saved += loss_saved
     if run.pp_schedule == "seq1f1b":  # K/V of the micro-batch's earlier units, every layer
         saved += 2 * m.num_query_groups / tp * m.head_dim * s * num_layers * tokens
     layer_bwd = (act.rematerialised_per_token(m, tp, hp, s, run.recompute)
-                 + act.backward_working_per_token(m, tp, s)) * tokens
-    cp_buf = act.cp_buffers_per_token(m, tp, hp, mesh.rp, s) * tokens
-    loss = act.loss_transient_per_token(m, tp, s) * tokens if last else 0.0
-    states = {k: st[k] for k in ("params", "grads", "optimizer")}
+                 + act.backward_working_per_token(m, tp, s)) * unit
+    cp_buf = act.cp_buffers_per_token(m, tp, hp, mesh.rp, s) * unit
+    loss = act.loss_transient_per_token(m, tp, s) * unit if last else 0.0
+    states = {k_: st[k_] for k_ in ("params", "grads", "optimizer")}
     zero = {"activations": 0.0, "loss": 0.0, "cp_buffers": 0.0}
-    phases = {"backward": {**states, **zero, "activations": saved + layer_bwd, "cp_buffers": cp_buf},
+    # a layer's backward: the unit's softmax is spent (its gradient went into the output layer)
+    phases = {"backward": {**states, **zero, "params": st["params"] + st["window_bwd"],
+                           "activations": saved - loss_saved / k + layer_bwd, "cp_buffers": cp_buf},
               "step": {**states, **zero, "grads": st["grads"] + st["step_extra"]}}
     if last:
         phases["loss"] = {**states, **zero, "activations": saved, "loss": loss}
+        # the loss's backward: the softmax becomes the logits' gradient in place, cast to bf16
+        phases["loss_backward"] = {**states, **zero, "activations": saved,
+                                   "loss": (m.padded_vocab(tp) / tp * s * unit) if s != 4 else 0.0}
     if run.recipe == "dpo":  # reference forward: one layer live at a time, then its loss forward
         ref_loss = (loss + 4 * m.padded_vocab(tp) / tp * tokens) if last else 0.0
         grads = st["grads"] if run.sharding == "zero1" else 0.0  # zero1's gradient buckets persist
         layer = act.layer_bytes_per_token(m, tp, hp, s) * tokens
-        phases["reference"] = {**states, "grads": grads, "activations": layer, "loss": ref_loss, "cp_buffers": cp_buf}
+        phases["reference"] = {**states, "params": st["params"] + st["window_fwd"], "grads": grads,
+                               "activations": layer, "loss": ref_loss, "cp_buffers": cp_buf}
     return phases, st["host"]
 
 

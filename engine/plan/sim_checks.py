@@ -272,6 +272,31 @@ class _Phase:
         return torch._C._current_graph_task_id() != -1
 
 
+_PROPAGATING = [0]
+
+
+def _mark_dtensor_propagation() -> None:
+    """DTensor computes an op's output metadata by running it on stand-in tensors it makes with
+    ``torch.empty_strided`` (``OpSchema.gen_fake_args``); under the simulation's FakeTensorMode
+    those would count as allocations of the rank (FSDP2's fused AdamW made 16 parameter-sized
+    "states"). Flag that phase so the tracker leaves it out."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+    if getattr(original, "_meshtron_marked", False):
+        return
+
+    def propagate(self, op_schema):
+        _PROPAGATING[0] += 1
+        try:
+            return original(self, op_schema)
+        finally:
+            _PROPAGATING[0] -= 1
+
+    propagate._meshtron_marked = True
+    ShardingPropagator._propagate_tensor_meta_non_cached = propagate
+
+
 def step_memory_tracker():
     """A ``MemTracker`` for one training step of many micro-batches.
 
@@ -288,6 +313,8 @@ def step_memory_tracker():
     Built on MemTracker's private members (torch 2.13)."""
     from torch._guards import active_fake_mode
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    _mark_dtensor_propagation()
 
     class StepMemTracker(MemTracker):
         def __init__(self):
@@ -313,6 +340,8 @@ def step_memory_tracker():
             TorchDispatchMode.__exit__(self, *args)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if _PROPAGATING[0]:  # DTensor's metadata propagation: stand-ins, not the rank's memory
+                return func(*args, **(kwargs or {}))
             out = super().__torch_dispatch__(func, types, args, kwargs)
             self.note_peak()
             return out
