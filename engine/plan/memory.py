@@ -72,6 +72,8 @@ class Run:
     """Sequences per step; 0 = one micro-batch per dp rank."""
     pp_schedule: str = "1f1b"
     seq_chunks: int = 1
+    seq_partition: str = "compute"
+    """Seq1F1B unit lengths: ``compute`` (equal FLOPs, first unit longest) or ``uniform``."""
 
 
 @dataclasses.dataclass
@@ -127,6 +129,40 @@ def in_flight(run: Run, mesh: Mesh, stage: int) -> float:
     return min(pp - stage, m)
 
 
+def unit_fractions(m: ModelSpec, mesh: Mesh, run: Run) -> list[float]:
+    """Each Seq1F1B unit's share of a micro-batch's tokens, as engine.train.unit_lengths cuts
+    them ([1.0] for the other schedules)."""
+    if run.pp_schedule != "seq1f1b" or run.seq_chunks == 1:
+        return [1.0]
+    from engine.parallel.pipeline.partition import compute_partition, uniform_partition
+
+    multiple = 2 * mesh.cp * mesh.tp if mesh.cp > 1 else mesh.tp
+    total = tokens_per_rank(run.seq_len, mesh, run.micro_batch_size) * mesh.cp
+    if run.seq_partition == "uniform":
+        lengths = uniform_partition(total, run.seq_chunks, multiple)
+    else:
+        lengths = compute_partition(total, run.seq_chunks, multiple, hidden=m.hidden_size, num_layers=m.num_layers,
+                                    num_heads=m.num_attention_heads, head_dim=m.head_dim, ffn=m.ffn_hidden_size,
+                                    vocab=m.vocab_size)
+    return [n / total for n in lengths]
+
+
+def live_peak(run: Run, mesh: Mesh, stage: int, weight) -> float:
+    """The most ``weight(chunk, unit)`` summed over the units whose forward has run and whose
+    backward has not, walking this pipeline rank's own schedule (engine/parallel/pipeline/
+    schedules.py): the saved activations at their peak, for any schedule and unit sizes."""
+    from engine.parallel.pipeline.schedules import pipeline_plan
+
+    k = run.seq_chunks if run.pp_schedule == "seq1f1b" else 1
+    plan = pipeline_plan(run.pp_schedule, mesh.pp, stage, micro_batches(run, mesh), mesh.vpp, k)
+    live = peak = 0.0
+    for step in plan:
+        for kind, _, c, j in step.actions:
+            live += weight(c, j) if kind == "F" else -weight(c, j)
+            peak = max(peak, live)
+    return peak
+
+
 def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, last: bool) -> dict:
     n = param_counts(m, mesh.tp, num_layers, first, last)
     p = n["sharded"] + n["replicated"]
@@ -163,17 +199,25 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
     st = _states(m, mesh, run, num_layers, first, last)
     s, tp, hp = (2 if run.bf16 else 4), mesh.tp, mesh.hp
     tokens = tokens_per_rank(run.seq_len, mesh, run.micro_batch_size)
-    # a unit of work: the micro-batch, or one of its k sequence units (Seq1F1B)
-    k = run.seq_chunks if run.pp_schedule == "seq1f1b" else 1
-    unit = tokens / k
-    kept = act.kept_per_layer(m, tp, hp, s, run.recompute) * num_layers
-    kept += act.model_extras_per_token(m, tp, s, first, False, len(chunks), run.recompute)
-    saved = kept * tokens * in_flight(run, mesh, stage)
-    # the loss's saved softmax: of the micro-batch whose last forward ran (every unit of it)
-    loss_saved = act.loss_saved_per_token(m, tp, s) * tokens if last else 0.0
-    saved += loss_saved
-    if run.pp_schedule == "seq1f1b":  # K/V of the micro-batch's earlier units, every layer
-        saved += 2 * m.num_query_groups / tp * m.head_dim * s * num_layers * tokens
+    fracs = unit_fractions(m, mesh, run)
+    unit = tokens * max(fracs)  # the largest unit of work: a micro-batch, or a Seq1F1B unit
+    per_layer = act.kept_per_layer(m, tp, hp, s, run.recompute)
+    kv = 2 * m.num_query_groups / tp * m.head_dim * s  # a layer's K and V per token
+    loss_tok = act.loss_saved_per_token(m, tp, s) if last else 0.0
+
+    def saved_bytes(c: int, j: int) -> float:
+        """What unit ``j`` of a micro-batch keeps on model chunk ``c`` of this stage."""
+        per_token = per_layer * len(chunks[c])
+        per_token += act.model_extras_per_token(m, tp, s, first and c == 0, False, 1, run.recompute)
+        if c == len(chunks) - 1:
+            per_token += loss_tok  # the loss's softmax
+        out = per_token * fracs[j] * tokens
+        if j:  # Seq1F1B: the earlier units' K/V gathered for this unit's attention (saved for its backward)
+            out += kv * len(chunks[c]) * sum(fracs[:j]) * tokens * mesh.cp
+        return out
+
+    saved = live_peak(run, mesh, stage, saved_bytes)
+    loss_saved = loss_tok * unit  # the softmax of the unit whose backward starts
     layer_bwd = (act.rematerialised_per_token(m, tp, hp, s, run.recompute)
                  + act.backward_working_per_token(m, tp, s)) * unit
     cp_buf = act.cp_buffers_per_token(m, tp, hp, mesh.rp, s) * unit
@@ -182,7 +226,7 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
     zero = {"activations": 0.0, "loss": 0.0, "cp_buffers": 0.0}
     # a layer's backward: the unit's softmax is spent (its gradient went into the output layer)
     phases = {"backward": {**states, **zero, "params": st["params"] + st["window_bwd"],
-                           "activations": saved - loss_saved / k + layer_bwd, "cp_buffers": cp_buf},
+                           "activations": saved - loss_saved + layer_bwd, "cp_buffers": cp_buf},
               "step": {**states, **zero, "grads": st["grads"] + st["step_extra"]}}
     if last:
         phases["loss"] = {**states, **zero, "activations": saved, "loss": loss}

@@ -88,7 +88,8 @@ def planner_inputs(cfg):
     mesh = Mesh(p.tp, p.cp, p.hp, p.pp, p.dp, p.vpp)
     run = Run(seq_len=cfg.data.seq_len, recipe=cfg.recipe, recompute=t.recompute, sharding=cfg.optim.sharding,
               offload=cfg.optim.offload, bf16=t.bf16, micro_batch_size=t.micro_batch_size,
-              global_batch_size=t.global_batch_size, pp_schedule=p.pp_schedule, seq_chunks=p.seq_chunks)
+              global_batch_size=t.global_batch_size, pp_schedule=p.pp_schedule, seq_chunks=p.seq_chunks,
+              seq_partition=p.seq_partition)
     return spec, mesh, run
 
 
