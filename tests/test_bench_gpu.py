@@ -121,6 +121,7 @@ def test_out_of_memory_is_a_cell(monkeypatch, capsys):
     assert any(line.split()[:3] == ["64", "meshtron", "OOM"] for line in lines), lines
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cli_cuda_tiny_bf16():
     proc = run_tool(["--layers", "2", "--hidden", "256", "--heads", "4", "--kv-heads", "2", "--ffn", "512",

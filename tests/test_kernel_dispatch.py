@@ -19,7 +19,9 @@ from engine.kernels.attention import attention_backward, attention_forward
 
 ENV = dispatch.ENV_VAR
 TOL_BF16 = 2e-2
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def needs_cuda(fn):
+    """A test of the CUDA paths: marked ``cuda`` (tools/gpu_check.sh) and skipped without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
 
 
 # -- helpers -----------------------------------------------------------------------------------

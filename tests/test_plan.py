@@ -84,8 +84,7 @@ def test_state_bytes_follow_the_sharding_table():
     assert parts["zero1"]["optimizer"] == 12 * P / 4
     assert parts["fsdp2"]["optimizer"] == 8 * P / 4
     step = {s: stage_phases(m, mesh, Run(seq_len=64, sharding=s), 0)[0]["step"]["grads"] for s in ("none", "zero1")}
-    assert step["none"] == 2 * P + 4 * P + 4 * P  # bf16 grads, their fp32 copies, the flattened all-reduce buffer
-    assert step["zero1"] == 2 * P + 4 * P + 4 * P / 4  # bf16 grads, bucket.float(), this rank's reduced shard
+    assert step["none"] == step["zero1"] == 4 * P  # the fp32 main_grad buckets, reduced in place: no copies
     off = rank_memory(m, mesh, Run(seq_len=64, sharding="zero1", offload=True), 80)
     assert off.parts["optimizer"] == 0 and off.host == 12 * P / 4
     dpo = rank_memory(m, mesh, Run(seq_len=64, recipe="dpo"), 80)

@@ -93,6 +93,7 @@ def check_memory() -> dict:
     model = build_model(cfg, mesh)
     opt = MeshOptimizer(model, cfg.optim, mesh, 1)
     batches = rank_micro_batches(build_dataset(cfg), 0, cfg, mesh)
+    opt.restore_step(1, moments=True)  # a steady-state step, as --simulate measures it (moments exist)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     loss, _ = forward_backward(model, batches, mesh, cfg.parallel, grad_sync=opt.grad_sync)
