@@ -15,7 +15,7 @@ once at start-up (``2N − 1`` blocks per pool; all ranks create all groups in t
 
 Why the math does not change (I-5): documents never attend to each other, each token's loss is
 divided by the step's global valid-token count, and gradients are summed over the pool
-(:func:`engine.parallel.data.reduce_gradients`, as for dp×cp) — so which rank computed which
+(the optimizer's fp32 `main_grad` buckets, engine/parallel/grads.py, as for dp×cp) — so which rank computed which
 token is irrelevant up to summation order. Deadlock freedom: within a micro-batch the groups are
 disjoint and every rank walks the micro-batches in the same order, so the collectives of
 micro-batch k only wait for ranks that have finished micro-batch k − 1.
