@@ -79,7 +79,7 @@ def test_tiny_run_report_and_exit_status():
 
 @pytest.mark.parametrize("args,message", [
     (["configs/does-not-exist.yaml"], "does-not-exist.yaml"),
-    (["configs/tiny.yaml"], "hardware.gpus"),
+    (["configs/tiny.yaml", "hardware.gpus=0"], "hardware.gpus"),
     (["configs/tiny.yaml", "hardware.gpus=2", "--rank", "2"], "--rank 2"),
     (["configs/tiny.yaml", "hardware.gpus=2", "parallel.tp=3"], "parallel.tp"),
 ])
