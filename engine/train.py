@@ -47,7 +47,10 @@ def build_model(cfg, mesh, core_attention=None) -> torch.nn.ModuleList:
             stage = c * mesh.pp + mesh.index("pp")
             chunks.append(GPTModel(cfg.model, mesh, dtype=dtype, core_attention=core_attention, layers=layers,
                                    pre_process=stage == 0, post_process=stage == last,
-                                   recompute=cfg.train.recompute))
+                                   recompute=cfg.train.recompute, tile_mlp=cfg.train.tile_mlp,
+                                   loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                                   offload_activations=cfg.train.offload_activations,
+                                   offload_keep_layers=cfg.train.offload_keep_layers))
     for chunk in chunks:
         if cfg.model.load:
             load_weights(chunk, cfg.model.load)

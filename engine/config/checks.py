@@ -8,11 +8,11 @@ _AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size
                  "model.num_attention_heads", "model.num_query_groups", "model.vocab_size",
                  "model.make_vocab_size_divisible_by", "model.max_position_embeddings",
                  "parallel.tp", "parallel.pp", "parallel.cp", "parallel.hp", "train.steps",
-                 "train.global_batch_size", "train.micro_batch_size", "train.log_interval",
+                 "train.global_batch_size", "train.micro_batch_size", "train.log_interval", "train.tile_mlp",
                  "optim.grad_bucket_size", "hardware.gpus_per_node")
 _POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std", "optim.lr",
              "optim.eps", "dist.timeout_s", "dist.abort_poll_s")
-_NON_NEGATIVE = ("train.max_bad_steps", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad",
+_NON_NEGATIVE = ("train.max_bad_steps", "train.loss_chunk_tokens", "train.offload_keep_layers", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad",
                  "hardware.gpus", "hardware.gpu_memory_gb", "hardware.host_memory_gb",
                  "checkpoint.every", "checkpoint.keep")
 _CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge"), "model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
@@ -211,9 +211,9 @@ def _check_pipeline(cfg: Config, dp: int) -> None:
 def _check_optim(cfg: Config) -> None:
     """Sharded optimizer states: the combinations that are not implemented."""
     o = cfg.optim
-    if o.offload and o.sharding != "zero1":
-        raise ConfigError(f"optim.offload=true needs optim.sharding=zero1 (got {o.sharding!r}): the ZeRO-1 "
-                          f"optimizer is what keeps the optimizer states in CPU memory")
+    if o.offload and o.sharding == "none":
+        raise ConfigError("optim.offload=true needs optim.sharding=zero1 (the optimizer's shard in CPU memory) "
+                          "or fsdp2 (parameter, gradient and optimizer-state shards in CPU memory); got 'none'")
     if o.sharding == "fsdp2" and cfg.train.bf16 and cfg.parallel.pp > 1:
         raise ConfigError("optim.sharding=fsdp2 with train.bf16=true keeps fp32 parameter shards (the masters), "
                           "but pipeline stages size their bf16 activation buffers from the parameter dtype; "

@@ -98,7 +98,9 @@ class OptimConfig:
     and updates its shard of the fp32 master weights and Adam moments) or "fsdp2" (torch's
     ``fully_shard`` of parameters, gradients and optimizer states)."""
     offload: bool = False
-    """Keep the optimizer states (and fp32 master weights) in CPU memory (with sharding: zero1)."""
+    """Keep the optimizer states (and fp32 master weights) in CPU memory: with sharding zero1 the
+    optimizer's shard; with fsdp2 the parameter, gradient and optimizer-state shards (torch's
+    ``CPUOffloadPolicy``; the optimizer step runs on the CPU)."""
     lr: float = 1e-3
     """Peak learning rate, reached after warmup."""
     min_lr: float = 1e-4
@@ -144,6 +146,19 @@ class TrainConfig:
     """Activation checkpointing: "none", "full" (recompute each layer in backward), "selective"
     (recompute attention's core only) or "attention-cached" (keep attention's output and lse,
     recompute the rest of the layer: LoongTrain's Selective Checkpoint++)."""
+    loss_chunk_tokens: int = 8192
+    """Tokens per chunk of the fused output layer + vocab-parallel cross-entropy: the logits
+    ``[T, V/tp]`` and their gradient exist one chunk at a time (recomputed in backward), never
+    whole. 0: the unfused path (whole logits, the reference it is tested against)."""
+    tile_mlp: int = 1
+    """Run each MLP over this many token tiles with recomputation inside (ALST's TiledMLP), so the
+    ``[T, ffn/tp]`` intermediates exist one tile at a time, in forward and backward. 1: untiled."""
+    offload_activations: bool = False
+    """Move what each layer keeps for backward (with recompute=full, its input) to pinned host
+    memory on a side stream, prefetched one layer ahead in backward."""
+    offload_keep_layers: int = 0
+    """With offload_activations: the first this many layers of each model chunk keep their
+    checkpoints on the GPU (use the GPU memory there is before the PCIe link)."""
     resume: str = "none"
     """Resume from a checkpoint: "auto" (the latest in checkpoint.dir, if any), a checkpoint
     path, or "none". Restores weights, optimizer, schedule, data position and RNG."""
@@ -215,6 +230,12 @@ class DPOConfig:
     """Conservative DPO: the assumed probability that a preference label is flipped (sigmoid only)."""
     sft_weight: float = 0.0
     """Weight of an added SFT term on the chosen responses (mean token NLL)."""
+    precompute_reference: bool = False
+    """Compute the frozen reference's per-sequence log-prob sums in one forward-only pass over the
+    data before training (TRL's precompute_ref_log_probs) and cache them on disk, so training holds
+    no reference weights. The cache is keyed by the data files and the reference weights."""
+    reference_cache: str | None = None
+    """Directory of the precomputed reference log-probs (default: <train.output_dir>/reference_logps)."""
 
 
 @dataclass

@@ -34,9 +34,10 @@ class Embedding(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg, mesh, dtype, core_attention, num_layers: int, final_norm: bool, recompute: str):
+    def __init__(self, cfg, mesh, dtype, core_attention, num_layers: int, final_norm: bool, recompute: str,
+                 tile_mlp: int = 1):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, dtype, core_attention, i, recompute)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, dtype, core_attention, i, recompute, tile_mlp)
                                     for i in range(num_layers))
         if final_norm:
             self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
@@ -52,20 +53,29 @@ class GPTModel(nn.Module):
     vocabulary slice of the logits ``[T, padded_vocab / tp]``, the others hidden states. With tied
     embeddings split over stages the last stage holds a copy, ``output_layer.weight``, whose
     gradient is summed with the embedding's (Megatron's embedding group). ``recompute``: what each
-    layer keeps for backward (``train.recompute``; engine/model/recompute.py).
+    layer keeps for backward (``train.recompute``; engine/model/recompute.py); ``tile_mlp``: token
+    tiles of each MLP (``train.tile_mlp``); ``loss_chunk_tokens``: tokens per chunk of the fused
+    output layer + loss of :func:`engine.loss.token_loss_sum` (``train.loss_chunk_tokens``; 0 =
+    whole logits); ``offload_activations`` / ``offload_keep_layers``: what the layers keep for
+    backward goes to host memory (``train.offload_activations``; engine/model/offload.py).
     """
 
     def __init__(self, cfg, mesh, dtype=torch.float32, core_attention=None, layers: range | None = None,
-                 pre_process: bool = True, post_process: bool = True, recompute: str = "none"):
+                 pre_process: bool = True, post_process: bool = True, recompute: str = "none",
+                 tile_mlp: int = 1, loss_chunk_tokens: int = 0, offload_activations: bool = False,
+                 offload_keep_layers: int = 0):
         super().__init__()
         self.cfg, self.mesh = cfg, mesh
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.offload_activations, self.offload_keep_layers = offload_activations, offload_keep_layers
         layers = range(cfg.num_layers) if layers is None else layers
         self.layer_offset, self.pre_process, self.post_process = layers.start, pre_process, post_process
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, mesh.tp)
         if pre_process:
             self.embedding = Embedding(self.padded_vocab, cfg, mesh, dtype)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
-        self.decoder = Decoder(cfg, mesh, dtype, core_attention, len(layers), post_process, recompute)
+        self.decoder = Decoder(cfg, mesh, dtype, core_attention, len(layers), post_process, recompute,
+                               tile_mlp)
         self.shares_embedding = post_process and cfg.tie_word_embeddings and not pre_process
         if post_process and (not cfg.tie_word_embeddings or self.shares_embedding):
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, mesh.group("tp"),

@@ -200,8 +200,9 @@ class _SwiGLU(torch.autograd.Function):
 class MLP(nn.Module):
     """SwiGLU: ``linear_fc1`` = [gate; up] (each TP shard [gate_r; up_r]), then ``linear_fc2``."""
 
-    def __init__(self, cfg, mesh, dtype):
+    def __init__(self, cfg, mesh, dtype, tiles: int = 1):
         super().__init__()
+        self.tiles = tiles
         tp, tp_group = mesh.tp, mesh.group("tp")
         self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, tp_group, tp,
                                                parts=2, dtype=dtype)
@@ -215,14 +216,15 @@ class TransformerLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residuals; ``recompute`` (one of
     :data:`~engine.model.recompute.MODES`) picks what is kept for backward and what runs again."""
 
-    def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0, recompute: str = "none"):
+    def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0, recompute: str = "none",
+                 tile_mlp: int = 1):
         super().__init__()
         rc.check_mode(recompute)
         self.recompute = recompute
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
         self.self_attention = SelfAttention(cfg, mesh, dtype, core_attention, layer_id)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
-        self.mlp = MLP(cfg, mesh, dtype)
+        self.mlp = MLP(cfg, mesh, dtype, tile_mlp)
 
     def forward(self, x_th, rope, batch):
         mode = self.recompute
