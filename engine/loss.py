@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from engine.parallel.comm import all_reduce_, all_reduce_max_
-
-IGNORE_INDEX = -100
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -64,10 +63,18 @@ def vocab_parallel_cross_entropy(logits_TV: torch.Tensor, labels_T: torch.Tensor
     return _VocabParallelCrossEntropy.apply(logits_TV, labels_T, vocab_start, vocab_size, tp_group)
 
 
+def head_losses(model, x_tH: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+    """Per-token losses ``[T]`` of the output layer and cross-entropy applied to the final hidden
+    states of the last stage (``model.final_hidden``): fused and chunked
+    (engine/fused_loss.py) unless ``model.loss_chunk_tokens`` is 0, then whole logits."""
+    group = model.mesh.group("tp")
+    if model.loss_chunk_tokens > 0:
+        return linear_cross_entropy(x_tH, model.output_weight, labels_T, model.vocab_start, model.cfg.vocab_size,
+                                    group, model.loss_chunk_tokens)
+    return vocab_parallel_cross_entropy(model.logits(x_tH), labels_T, model.vocab_start, model.cfg.vocab_size, group)
+
+
 def token_loss_sum(model, batch, hidden=None) -> torch.Tensor:
     """Sum of token cross-entropies of one micro-batch on this rank (the numerator of I-5);
     ``hidden`` is the previous pipeline stage's output when the model is a later stage."""
-    logits = model(batch, hidden)
-    losses = vocab_parallel_cross_entropy(logits, batch.labels, model.vocab_start, model.cfg.vocab_size,
-                                          model.mesh.group("tp"))
-    return losses.sum()
+    return head_losses(model, model.final_hidden(batch, hidden), batch.labels).sum()

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from engine.model.layers import RMSNorm, RotaryEmbedding, TransformerLayer
+from engine.model.offload import ActivationOffload
 from engine.parallel.comm import gather_shards
 from engine.parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, gathered_linear, shard_tensor,
                                     unshard_tensor)
@@ -76,6 +77,10 @@ class GPTModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
         self.decoder = Decoder(cfg, mesh, dtype, core_attention, len(layers), post_process, recompute,
                                tile_mlp)
+        self.offloader = None
+        if offload_activations:
+            self.offloader = ActivationOffload(mesh.device, offload_keep_layers)
+            self.offloader.attach(self.decoder.layers)
         self.shares_embedding = post_process and cfg.tie_word_embeddings and not pre_process
         if post_process and (not cfg.tie_word_embeddings or self.shares_embedding):
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, mesh.group("tp"),
@@ -90,16 +95,29 @@ class GPTModel(nn.Module):
         return self.mesh.index("tp") * (self.padded_vocab // self.mesh.tp)
 
     def forward(self, batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.final_hidden(batch, hidden)
+        return self.logits(x) if self.post_process else x
+
+    def final_hidden(self, batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The chunk's output without the output layer: the last stage's final-norm hidden states,
+        this rank's token slice ``[T/tp, H]`` (what the fused loss takes), else the stage output."""
         x = self.embedding.word_embeddings(batch.tokens) if self.pre_process else hidden
         rope = self.rotary(batch.position_ids, x.dtype)
         for layer in self.decoder.layers:
             x = layer(x, rope, batch)
-        if not self.post_process:
-            return x
-        x = self.decoder.final_layernorm(x)
+        return self.decoder.final_layernorm(x) if self.post_process else x
+
+    @property
+    def output_weight(self) -> torch.nn.Parameter:
+        """This tp rank's vocabulary slice of the output layer ``[V/tp, H]`` (the embedding itself
+        when tied on one stage)."""
         if self.cfg.tie_word_embeddings and self.pre_process:
-            return gathered_linear(x, self.embedding.word_embeddings.weight, None, self.mesh.group("tp"))
-        return self.output_layer(x)
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """This tp rank's vocabulary slice of the logits ``[T, V/tp]`` of final hidden states."""
+        return gathered_linear(x, self.output_weight, None, self.mesh.group("tp"))
 
     def canonical_name(self, name: str) -> str:
         """The canonical (global-layer, unsharded) name of a local parameter name."""

@@ -6,7 +6,9 @@ Segment ids number the documents of a micro-batch (2p: chosen of pair p, 2p+1: r
 padding) and are laid out over cp exactly like the tokens. Per-sequence log-prob sums are reduced
 over cp (and, through the vocab-parallel softmax, tp) before the sigmoid; the loss is the sum over
 this rank's pairs divided by the global number of pairs (I-5), so the reference's log-probs are
-computed first — by the frozen reference model through the same pipeline, forward only.
+computed first — by the frozen reference model through the same pipeline, forward only (or, with
+``dpo.precompute_reference``, read from the sums one such pass cached before training:
+engine/recipes/reference_cache.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.data.packing import PackedBatch, concat, pack, to_device
-from engine.loss import vocab_parallel_cross_entropy
+from engine.loss import head_losses
 from engine.parallel.comm import all_reduce_
 from engine.parallel.context.layout import split_for_cp
 from engine.recipes.dpo_loss import dpo_loss, sequence_logprob_sums
@@ -53,15 +55,23 @@ class DPOMicroBatch:
                              None if self.reference is None else to_device(self.reference, device))
 
 
-def dpo_micro_batches(dataset: PairSequences, step: int, cfg, mesh, device=None) -> list[DPOMicroBatch]:
-    """This rank's micro-batches of pairs for ``step`` (the same global batch on every mesh), built
-    on the host and moved to ``device`` (default: the mesh's; ``"cpu"`` keeps them on the host)."""
+def micro_batch_pairs(step: int, cfg, mesh) -> list[range]:
+    """Global indices of the pairs of this rank's micro-batches of ``step``: the dp rank's share of
+    ``[step·gbs, (step+1)·gbs)`` in runs of ``train.micro_batch_size`` (a function of the config,
+    the step and the dp index alone: precomputed reference sums are looked up by it)."""
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_dp = gbs // mesh.dp
     first = step * gbs + mesh.index("dp") * per_dp
+    return [range(i, i + mbs) for i in range(first, first + per_dp, mbs)]
+
+
+def dpo_micro_batches(dataset: PairSequences, step: int, cfg, mesh, device=None) -> list[DPOMicroBatch]:
+    """This rank's micro-batches of pairs for ``step`` (the same global batch on every mesh), built
+    on the host and moved to ``device`` (default: the mesh's; ``"cpu"`` keeps them on the host)."""
+    mbs = cfg.train.micro_batch_size
     out = []
-    for i in range(first, first + per_dp, mbs):
-        items = [dataset.sequence(j) for j in range(i, i + mbs)]
+    for pairs in micro_batch_pairs(step, cfg, mesh):
+        items = [dataset.sequence(j) for j in pairs]
         batch = concat([b for b, _ in items])
         seg = torch.cat([torch.where(s >= 0, s + 2 * n, -1) for n, (_, s) in enumerate(items)])
         if mesh.cp > 1:
@@ -73,9 +83,9 @@ def dpo_micro_batches(dataset: PairSequences, step: int, cfg, mesh, device=None)
     return out
 
 
-def _sequence_sums(logits, mb: DPOMicroBatch, chunk):
-    losses = vocab_parallel_cross_entropy(logits, mb.batch.labels, chunk.vocab_start, chunk.cfg.vocab_size,
-                                          chunk.mesh.group("tp"))
+def _sequence_sums(x_tH, mb: DPOMicroBatch, chunk):
+    """Per-sequence log-prob sums and token counts from the last stage's final hidden states."""
+    losses = head_losses(chunk, x_tH, mb.batch.labels)
     return sequence_logprob_sums(losses, mb.segment_ids, 2 * mb.num_pairs, chunk.mesh.group("cp"),
                                  labels_T=mb.batch.labels)
 
@@ -85,9 +95,9 @@ def compute_reference(runtime, micro_batches: list[DPOMicroBatch]) -> None:
     """Reference log-prob sums of every micro-batch (on the last pipeline stage), forward only."""
     last = runtime.chunks[-1]
     for mb in micro_batches:
-        logits = runtime.forward_only(mb.batch)
-        if logits is not None:
-            mb.reference = _sequence_sums(logits, mb, last)[0]
+        x = runtime.forward_only(mb.batch, head=False)
+        if x is not None:
+            mb.reference = _sequence_sums(x, mb, last)[0]
 
 
 class DPOLoss:
@@ -99,8 +109,7 @@ class DPOLoss:
         self.metrics: dict[str, torch.Tensor] = {}
 
     def __call__(self, chunk, mb: DPOMicroBatch, hidden):
-        logits = chunk(mb.batch, hidden)
-        sums, counts = _sequence_sums(logits, mb, chunk)
+        sums, counts = _sequence_sums(chunk.final_hidden(mb.batch, hidden), mb, chunk)
         ref = mb.reference
         loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[0::2], ref[1::2], beta=self.cfg.beta,
                                  loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing,

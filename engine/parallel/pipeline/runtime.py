@@ -66,8 +66,9 @@ class PipelineRuntime:
         return inbox
 
     @torch.no_grad()
-    def forward_only(self, batch) -> torch.Tensor | None:
-        """Inference through all stages: this tp rank's logits on the last stage, None elsewhere."""
+    def forward_only(self, batch, head: bool = True) -> torch.Tensor | None:
+        """Inference through all stages: this tp rank's logits on the last stage (``head=False``:
+        its final hidden states, for the fused loss), None elsewhere."""
         outbox, out = {}, None
         plan = pipeline_plan(self.schedule, self.pp, self.rank, 1, self.vpp, forward_only=True)
         for i, step in enumerate(plan):
@@ -75,7 +76,9 @@ class PipelineRuntime:
             for action in step.actions:
                 c = action[2]
                 need = input_msg(action, self.pp, self.rank, self.vpp)
-                out = self.chunks[c](batch, inbox.pop(need.msg) if need else None)
+                x = inbox.pop(need.msg) if need else None
+                last = self._stage(c) == self.pp * self.vpp - 1
+                out = self.chunks[c](batch, x) if head or not last else self.chunks[c].final_hidden(batch, x)
                 send = output_msg(action, self.pp, self.rank, self.vpp)
                 if send:
                     outbox[send.msg] = out
