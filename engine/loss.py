@@ -77,4 +77,4 @@ def head_losses(model, x_tH: torch.Tensor, labels_T: torch.Tensor) -> torch.Tens
 def token_loss_sum(model, batch, hidden=None) -> torch.Tensor:
     """Sum of token cross-entropies of one micro-batch on this rank (the numerator of I-5);
     ``hidden`` is the previous pipeline stage's output when the model is a later stage."""
-    return head_losses(model, model.final_hidden(batch, hidden), batch.labels).sum()
+    return model.token_losses(batch, hidden).sum()

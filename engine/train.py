@@ -214,10 +214,13 @@ def dpo_forward_backward(model, reference, micro_batches, mesh, cfg,
     """DPO step: reference log-probs through the frozen model first (forward only), then the
     policy's forward/backward with the DPO loss on the last stage. Returns the loss and the
     reward metrics as 0-dim device tensors (read once, at logging: I-9) and the pair count.
+    ``reference`` None: the micro-batches already carry their reference sums
+    (``dpo.precompute_reference``, :mod:`engine.recipes.reference_cache`).
     ``grad_sync``: as in :func:`forward_backward`."""
     from engine.recipes.dpo import DPOLoss, compute_reference
 
-    compute_reference(PipelineRuntime(list(reference), mesh), micro_batches)
+    if reference is not None:
+        compute_reference(PipelineRuntime(list(reference), mesh), micro_batches)
     loss_fn = DPOLoss(cfg, cfg.train.global_batch_size)
     runtime = PipelineRuntime(list(model), mesh, cfg.parallel.pp_schedule)
     runtime.grad_sync = grad_sync
@@ -245,12 +248,19 @@ def train(cfg, mesh) -> list[dict]:
         from engine.flexsp.runtime import FlexSPRuntime
 
         flex = FlexSPRuntime(cfg, mesh)
+    dataset = build_dataset(cfg)
+    reference = reference_logps = None
+    if cfg.recipe == "dpo" and cfg.dpo.precompute_reference:
+        # before the policy exists, so the pass's reference model is the only model in memory;
+        # training then reads cached sums and holds no reference
+        from engine.recipes.reference_cache import precomputed_reference
+
+        reference_logps = precomputed_reference(cfg, mesh, dataset,
+                                                lambda: build_model(cfg, mesh).requires_grad_(False).eval())
     model = build_model(cfg, mesh, flex.attention if flex else None)
-    reference = None
-    if cfg.recipe == "dpo":  # the frozen reference: the policy's starting weights
+    if cfg.recipe == "dpo" and reference_logps is None:  # the frozen reference: the policy's starting weights
         reference = build_model(cfg, mesh).requires_grad_(False).eval()
     opt = MeshOptimizer(model, cfg.optim, mesh, cfg.train.steps)
-    dataset = build_dataset(cfg)
     first_step = 0
     prepare_checkpoint_dir(cfg, mesh)  # what a killed save left behind, before anything reads or writes there
     where = find_resume(cfg)
@@ -274,8 +284,11 @@ def train(cfg, mesh) -> list[dict]:
         if cfg.recipe == "dpo":
             from engine.recipes.dpo import dpo_micro_batches
 
-            loss, num_tokens, extra = dpo_forward_backward(model, reference, dpo_micro_batches(dataset, step, cfg, mesh),
-                                                           mesh, cfg, grad_sync=grad_sync)
+            micro_batches = dpo_micro_batches(dataset, step, cfg, mesh)
+            if reference_logps is not None:  # the step's pairs' precomputed sums: no reference forward
+                reference_logps.attach(micro_batches, step)
+            loss, num_tokens, extra = dpo_forward_backward(model, reference, micro_batches, mesh, cfg,
+                                                           grad_sync=grad_sync)
         elif flex is not None:
             plan = flex.plan(dataset, step, cfg.train.steps)
             loss, num_tokens = flex.forward_backward(model, dataset, step, plan)

@@ -99,11 +99,12 @@ def _bench():
     return module
 
 
-def _predicted(layers, hidden, heads, kv_heads, ffn, vocab, bf16, tp, hp, tokens, recompute="none"):
+def _predicted(layers, hidden, heads, kv_heads, ffn, vocab, bf16, tp, hp, tokens, recompute="none",
+               loss_chunk=TrainConfig.loss_chunk_tokens):
     m = ModelSpec("bench", layers, hidden, ffn, heads, kv_heads, vocab, hidden // heads)
     s = 2 if bf16 else 4
     per_token = (act.kept_per_layer(m, tp, hp, s, recompute) * layers
-                 + act.model_extras_per_token(m, tp, s, True, True, 1, recompute))
+                 + act.model_extras_per_token(m, tp, s, True, True, 1, recompute, loss_chunk))
     return per_token * tokens
 
 

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
+from engine.loss import head_losses
 from engine.model.layers import RMSNorm, RotaryEmbedding, TransformerLayer
 from engine.model.offload import ActivationOffload
 from engine.parallel.comm import gather_shards
@@ -106,6 +107,13 @@ class GPTModel(nn.Module):
         for layer in self.decoder.layers:
             x = layer(x, rope, batch)
         return self.decoder.final_layernorm(x) if self.post_process else x
+
+    def token_losses(self, batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The last stage's per-token losses ``[T]``: :meth:`final_hidden`, then the output layer and
+        the cross-entropy (fused and chunked unless ``loss_chunk_tokens`` is 0). One method, so
+        FSDP2 sees the output layer used inside a forward of this module (engine/parallel/fsdp.py
+        registers it)."""
+        return head_losses(self, self.final_hidden(batch, hidden), batch.labels)
 
     @property
     def output_weight(self) -> torch.nn.Parameter:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from engine.kernels.attention import _LocalAttention, local_attention
 from engine.model import recompute as rc
+from engine.model.tiled import tiled
 from engine.parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark_tp
 
 
@@ -198,7 +199,11 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``linear_fc1`` = [gate; up] (each TP shard [gate_r; up_r]), then ``linear_fc2``."""
+    """SwiGLU: ``linear_fc1`` = [gate; up] (each TP shard [gate_r; up_r]), then ``linear_fc2``.
+
+    ``tiles`` > 1 (``train.tile_mlp``): the same MLP over that many token tiles of ``x_th``, each
+    tile's ``[T, 2F]`` / ``[T, F]`` intermediates rebuilt in backward and freed before the next
+    (engine/model/tiled.py); only ``x_th`` is kept. 1: the untiled graph."""
 
     def __init__(self, cfg, mesh, dtype, tiles: int = 1):
         super().__init__()
@@ -209,12 +214,18 @@ class MLP(nn.Module):
         self.linear_fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp_group, tp, dtype=dtype)
 
     def forward(self, x_th: torch.Tensor) -> torch.Tensor:
+        if self.tiles == 1:
+            return self.dense(x_th)
+        return tiled(self.dense, x_th, self.tiles, self)
+
+    def dense(self, x_th: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(_SwiGLU.apply(self.linear_fc1(x_th)))
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residuals; ``recompute`` (one of
-    :data:`~engine.model.recompute.MODES`) picks what is kept for backward and what runs again."""
+    :data:`~engine.model.recompute.MODES`) picks what is kept for backward and what runs again,
+    ``offload`` (engine/model/offload.py) whether that waits in host memory."""
 
     def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0, recompute: str = "none",
                  tile_mlp: int = 1):
@@ -225,8 +236,15 @@ class TransformerLayer(nn.Module):
         self.self_attention = SelfAttention(cfg, mesh, dtype, core_attention, layer_id)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype)
         self.mlp = MLP(cfg, mesh, dtype, tile_mlp)
+        self.offload = None  # this layer's hooks of engine/model/offload.py, set by GPTModel
 
     def forward(self, x_th, rope, batch):
+        if self.offload is not None and torch.is_grad_enabled():  # what it keeps waits on the host
+            with self.offload(rope):
+                return self._forward(x_th, rope, batch)
+        return self._forward(x_th, rope, batch)
+
+    def _forward(self, x_th, rope, batch):
         mode = self.recompute
         if mode == "none" or not torch.is_grad_enabled():
             return self._block(x_th, rope, batch)

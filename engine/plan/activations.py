@@ -26,6 +26,14 @@ Recompute (``train.recompute``, engine/model/recompute.py), what a layer keeps p
   Checkpoint++); the rest is rebuilt in backward, one layer at a time.
 
 With any recompute the cos/sin tables live inside the recomputed regions and are not kept.
+
+Tiled MLP (``train.tile_mlp`` = N > 1, engine/model/tiled.py): the MLP keeps only its input (the
+norm output, counted with the norm) and rebuilds each tile's ``[T/N, 3f/tp]`` in backward, one
+tile at a time, so the MLP term leaves what a layer keeps and becomes 1/N in what is live.
+Fused loss (``train.loss_chunk_tokens`` = c > 0, engine/fused_loss.py): the last stage keeps the
+final norm's output and an fp32 log-sum-exp per token instead of the ``[T, Vp/tp]`` softmax;
+its working set is one chunk's logits (in the model dtype, then fp32) and, in backward, the
+chunk's fp32 softmax with its model-dtype copy plus ``dW`` summed in fp32 over chunks.
 """
 from __future__ import annotations
 
@@ -49,42 +57,52 @@ def _attention(m, tp: int, hp: int, s: int) -> float:
     return s * (heads + 2 * g) * d + out + 4 * heads
 
 
-def _mlp(m, tp: int, s: int) -> float:
-    return 3 * s * m.ffn_hidden_size / tp
+def _mlp(m, tp: int, s: int, tiles: int = 1) -> float:
+    """What the MLP saves per token: fc1's output and the SwiGLU product; nothing but its input
+    (counted with the norm) when tiled."""
+    return 3 * s * m.ffn_hidden_size / tp if tiles <= 1 else 0.0
 
 
-def layer_bytes_per_token(m, tp: int, hp: int, s: int) -> float:
+def mlp_tile_per_token(m, tp: int, s: int, tiles: int) -> float:
+    """A tiled MLP's intermediates live at once (one tile's), per token of T; 0 untiled (then they
+    are part of what the layer saves or rebuilds)."""
+    return 3 * s * m.ffn_hidden_size / tp / tiles if tiles > 1 else 0.0
+
+
+def layer_bytes_per_token(m, tp: int, hp: int, s: int, tiles: int = 1) -> float:
     """Saved bytes of one layer per token of T with ``recompute=none``."""
-    return 2 * _norm(m, tp, s) + _attention(m, tp, hp, s) + _mlp(m, tp, s)
+    return 2 * _norm(m, tp, s) + _attention(m, tp, hp, s) + _mlp(m, tp, s, tiles)
 
 
-def kept_per_layer(m, tp: int, hp: int, s: int, recompute: str) -> float:
+def kept_per_layer(m, tp: int, hp: int, s: int, recompute: str, tiles: int = 1) -> float:
     """Bytes per token a layer keeps between its forward and its backward under ``recompute``."""
     layer_input = s * m.hidden_size / tp
     out = s * m.num_attention_heads / tp * m.head_dim
-    return {"none": layer_bytes_per_token(m, tp, hp, s),
+    return {"none": layer_bytes_per_token(m, tp, hp, s, tiles),
             "full": layer_input,
-            "selective": layer_input + out + _norm(m, tp, s) + _mlp(m, tp, s),
+            "selective": layer_input + out + _norm(m, tp, s) + _mlp(m, tp, s, tiles),
             "attention-cached": layer_input + out + 4 * m.num_attention_heads / tp,
             }[recompute]
 
 
-def rematerialised_per_token(m, tp: int, hp: int, s: int, recompute: str) -> float:
+def rematerialised_per_token(m, tp: int, hp: int, s: int, recompute: str, tiles: int = 1) -> float:
     """Bytes per token of what one layer rebuilds during its backward: the whole layer (``full``,
-    ``attention-cached``) or its attention block (``selective``)."""
+    ``attention-cached``) or its attention block (``selective``); a tiled MLP one tile at a time."""
     if recompute == "selective":
-        return _norm(m, tp, s) + _attention(m, tp, hp, s)
-    return layer_bytes_per_token(m, tp, hp, s) if recompute in ("full", "attention-cached") else 0.0
+        return _norm(m, tp, s) + _attention(m, tp, hp, s) + mlp_tile_per_token(m, tp, s, tiles)
+    if recompute in ("full", "attention-cached"):
+        return layer_bytes_per_token(m, tp, hp, s, tiles) + mlp_tile_per_token(m, tp, s, tiles)
+    return mlp_tile_per_token(m, tp, s, tiles)
 
 
-def backward_working_per_token(m, tp: int, s: int) -> float:
+def backward_working_per_token(m, tp: int, s: int, tiles: int = 1) -> float:
     """Gradients alive inside one layer's backward (estimate): of fc1's output (2f), of the silu
-    product (f) and of the layer's input and output (2h)."""
-    return s * (3 * m.ffn_hidden_size + 2 * m.hidden_size) / tp
+    product (f) — one tile's when tiled — and of the layer's input and output (2h)."""
+    return s * (3 * m.ffn_hidden_size / max(tiles, 1) + 2 * m.hidden_size) / tp
 
 
 def model_extras_per_token(m, tp: int, s: int, first: bool, last: bool, num_chunks: int,
-                           recompute: str = "none") -> float:
+                           recompute: str = "none", loss_chunk: int = 0) -> float:
     """Saved outside the layers: token ids and the out-of-range mask of the vocab-parallel
     embedding (first stage), the cos/sin half-tables per model chunk (``none`` only), the final
     norm and the loss's saved fp32 softmax [T, Vp/tp] with its int64 ids and two bool masks (last
@@ -93,22 +111,43 @@ def model_extras_per_token(m, tp: int, s: int, first: bool, last: bool, num_chun
     if first:
         extra += 8 + 1
     if last:
-        extra += _norm(m, tp, s) + 4 * m.padded_vocab(tp) / tp + 8 + 2
+        extra += loss_saved_per_token(m, tp, s, loss_chunk)
     return extra
 
 
-def loss_saved_per_token(m, tp: int, s: int) -> float:
-    """What the last stage saves outside the layers for the loss: the final norm, the fp32
-    softmax [T, Vp/tp] with its int64 ids and two bool masks (part of
-    :func:`model_extras_per_token`)."""
+def loss_saved_per_token(m, tp: int, s: int, loss_chunk: int = 0) -> float:
+    """What the last stage saves outside the layers for the loss: the final norm and, unfused, the
+    fp32 softmax [T, Vp/tp] with its int64 ids and two bool masks; fused, the fp32 log-sum-exp
+    and the int64 labels (part of :func:`model_extras_per_token`)."""
+    if loss_chunk > 0:
+        return _norm(m, tp, s) + 4 + 8
     return _norm(m, tp, s) + 4 * m.padded_vocab(tp) / tp + 8 + 2
 
 
-def loss_transient_per_token(m, tp: int, s: int) -> float:
-    """On top of the saved softmax, while the vocab-parallel cross-entropy runs forward: the
-    logits themselves (s); the fp32 working tensor that becomes the softmax is the saved one
-    (engine/loss.py shifts and exponentiates it in place)."""
-    return m.padded_vocab(tp) / tp * s
+def loss_transient_bytes(m, tp: int, s: int, tokens: float, loss_chunk: int = 0) -> float:
+    """Bytes live on top of what is saved while the loss runs forward over ``tokens``: unfused, the
+    logits themselves (the fp32 working tensor that becomes the softmax is the saved one,
+    engine/loss.py); fused, one chunk's logits in the model dtype and in fp32, the gathered
+    chunk of hidden states, and the per-token losses."""
+    vp = m.padded_vocab(tp) / tp
+    if loss_chunk <= 0:
+        return vp * s * tokens
+    c = min(loss_chunk, tokens)
+    return c * vp * (s + 4 if s != 4 else 4) + c * m.hidden_size * s + 4 * tokens
+
+
+def loss_backward_bytes(m, tp: int, s: int, tokens: float, loss_chunk: int = 0) -> float:
+    """Bytes live in the loss's backward on top of the saved activations: unfused, the logits'
+    gradient cast to the model dtype beside the fp32 softmax it came from; fused, one chunk's
+    recomputed fp32 softmax and its model-dtype copy, the gathered hidden chunk and ``dW`` (fp32
+    sum over chunks beside the chunk's product; one product when there is one chunk)."""
+    vp, h = m.padded_vocab(tp) / tp, m.hidden_size
+    if loss_chunk <= 0:
+        return vp * s * tokens if s != 4 else 0.0
+    c = min(loss_chunk, tokens)
+    chunks = max(1, -(-int(tokens) // loss_chunk))
+    dw = vp * h * (s if chunks == 1 else 4 + s)
+    return c * vp * (4 + (s if s != 4 else 0)) + 2 * c * h * s + dw
 
 
 def cp_buffers_per_token(m, tp: int, hp: int, rp: int, s: int) -> float:

@@ -8,8 +8,12 @@ asks torch's accelerator for the streams of ``cuda`` nodes. :func:`install` ther
 (once, cached) and loads ``fake_cuda.cpp``, which registers torch's own no-op ``FakeGuardImpl``
 as the CUDA guard and makes the CPU build report a CUDA build without devices; then it replaces
 the Python-level ``torch.cuda`` calls that need a driver (streams and events for FSDP2, device
-queries for the attention dispatch) with stand-ins describing an sm90 GPU. ``torch.cuda.is_available``
-stays False: nothing may pin host memory or touch a real device.
+queries for the attention dispatch, ``Tensor.record_stream`` for activation offload) with
+stand-ins describing an sm90 GPU. ``torch.cuda.is_available`` stays False: nothing may pin host
+memory or touch a real device. Code that pins anyway (FSDP2's
+``CPUOffloadPolicy(pin_memory=True)`` on a cuda mesh) gets the host tensor itself from
+``Tensor.pin_memory`` (FakeTensorMode has no pinned memory): the same bytes on the same device, and
+the copies keep the ``non_blocking`` that pinned memory lets the real run use.
 
 On a CUDA build of torch nothing is compiled (FakeTensorMode installs a fake guard itself when no
 GPU is visible), and with a real GPU present the Python-level calls are left alone.
@@ -82,6 +86,8 @@ class _Stream:
 
     def __init__(self, *args, **kwargs):
         self.device = DEVICE
+        self.recorded = 0  # events recorded on this stream so far
+        self.waited = 0    # the host has waited for the first ``waited`` of them
 
     def wait_stream(self, stream) -> None:
         pass
@@ -90,10 +96,13 @@ class _Stream:
         pass
 
     def record_event(self, event=None):
-        return _Event()
+        event = event or _Event()
+        event.record(self)
+        return event
 
     def synchronize(self) -> None:
         _host_sync("stream synchronize")
+        self.waited = self.recorded
 
     def query(self) -> bool:
         return True
@@ -106,20 +115,33 @@ class _Stream:
 
 
 class _Event:
+    """A CUDA event stand-in. Events complete in their stream's order, so once the host has waited
+    for one, waiting for an earlier event of the same stream costs nothing and is not a host sync
+    (FSDP2's CPU offload waits for every gradient shard's copy to the host in turn)."""
+
     def __init__(self, *args, **kwargs):
-        pass
+        self.stream, self.seq = None, 0
 
     def record(self, stream=None) -> None:
-        pass
+        self.stream = stream or _DEFAULT_STREAM
+        self.stream.recorded += 1
+        self.seq = self.stream.recorded
 
     def wait(self, stream=None) -> None:
         pass
 
     def synchronize(self) -> None:
+        if self.stream is not None and self.seq <= self.stream.waited:
+            return
         _host_sync("event synchronize")
+        if self.stream is not None:
+            self.stream.waited = self.seq
 
     def query(self) -> bool:
         return True
+
+
+_DEFAULT_STREAM = _Stream()
 
 
 def _host_sync(kind: str) -> None:
@@ -138,9 +160,13 @@ def _patch_python_cuda() -> None:
     cuda.set_device = lambda device: None
     cuda.synchronize = lambda device=None: _host_sync("torch.cuda.synchronize")
     cuda.Stream, cuda.Event = _Stream, _Event
-    cuda.current_stream = lambda device=None: _Stream()
-    cuda.default_stream = lambda device=None: _Stream()
+    cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    cuda.default_stream = lambda device=None: _DEFAULT_STREAM
     cuda.stream = lambda stream=None: contextlib.nullcontext(stream)
+    # activation offload (engine/model/offload.py) keeps a block from early reuse by a side
+    # stream; nothing runs here, and the fake tensor's record_stream would initialise CUDA
+    torch.Tensor.record_stream = lambda self, stream: None
+    torch.Tensor.pin_memory = lambda self, device=None: self  # see the module docstring
     torch.backends.cuda.is_flash_attention_available = lambda: True
 
 

@@ -74,6 +74,16 @@ class Run:
     seq_chunks: int = 1
     seq_partition: str = "compute"
     """Seq1F1B unit lengths: ``compute`` (equal FLOPs, first unit longest) or ``uniform``."""
+    loss_chunk: int = 1024
+    """train.loss_chunk_tokens: tokens per chunk of the fused output layer + loss (0: whole logits)."""
+    tile_mlp: int = 1
+    """train.tile_mlp: token tiles of each MLP."""
+    offload_activations: bool = False
+    """train.offload_activations: what the layers keep for backward goes to host memory."""
+    offload_keep_layers: int = 0
+    """train.offload_keep_layers: layers per model chunk whose checkpoints stay on the GPU."""
+    precompute_reference: bool = False
+    """dpo.precompute_reference: no reference model in training (its sums were computed before)."""
 
 
 @dataclasses.dataclass
@@ -88,7 +98,10 @@ class Breakdown:
     """What the allocator's fragmentation makes unusable."""
     device: float
     host: float
-    """Optimizer state offloaded to host memory (not counted against the GPU)."""
+    """Host bytes of this rank: offloaded optimizer states (fsdp2: parameters and gradients too)
+    and offloaded activations (not counted against the GPU)."""
+    host_limit: float = float("inf")
+    """Host memory available to one rank: the node's host memory over the ranks it holds."""
 
     @property
     def allocated(self) -> float:
@@ -100,7 +113,7 @@ class Breakdown:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.device
+        return self.total <= self.device and self.host <= self.host_limit
 
 
 def tokens_per_rank(seq_len: int, mesh: Mesh, micro_batch_size: int = 1) -> int:
@@ -183,9 +196,14 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
         params, grads, optim = s_p * p, 4 * p, (12 if run.bf16 else 8) * p
     step_extra = 0.0
     host = 0.0
-    if run.offload:
+    if run.offload and run.sharding == "fsdp2":
+        # CPUOffloadPolicy: the fp32 parameter shards, their gradients and the moments are host
+        # tensors; the device holds what is gathered (root and layer windows) and one layer's
+        # unsharded gradient until it is reduce-scattered and copied out
+        host, params, grads, optim = params - s_p * root + grads + optim, s_p * root, 0.0, 0.0
+    elif run.offload:
         host, optim = optim, 0.0
-    if run.recipe == "dpo":
+    if run.recipe == "dpo" and not run.precompute_reference:
         params += s_p * p  # the frozen reference model
     return {"params": params, "grads": grads, "optimizer": optim, "step_extra": step_extra, "host": host,
             "window_fwd": window_fwd, "window_bwd": window_bwd}
@@ -201,13 +219,21 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
     tokens = tokens_per_rank(run.seq_len, mesh, run.micro_batch_size)
     fracs = unit_fractions(m, mesh, run)
     unit = tokens * max(fracs)  # the largest unit of work: a micro-batch, or a Seq1F1B unit
-    per_layer = act.kept_per_layer(m, tp, hp, s, run.recompute)
+    tiles, chunk = run.tile_mlp, run.loss_chunk
+    per_layer = act.kept_per_layer(m, tp, hp, s, run.recompute, tiles)
     kv = 2 * m.num_query_groups / tp * m.head_dim * s  # a layer's K and V per token
-    loss_tok = act.loss_saved_per_token(m, tp, s) if last else 0.0
+    loss_tok = act.loss_saved_per_token(m, tp, s, chunk) if last else 0.0
+
+    def on_device(c: int) -> int:
+        """Layers of chunk ``c`` whose checkpoints stay on the GPU (engine/model/offload.py)."""
+        return min(run.offload_keep_layers, len(chunks[c])) if run.offload_activations else len(chunks[c])
+
+    def host_bytes(c: int, j: int) -> float:
+        return per_layer * (len(chunks[c]) - on_device(c)) * fracs[j] * tokens
 
     def saved_bytes(c: int, j: int) -> float:
         """What unit ``j`` of a micro-batch keeps on model chunk ``c`` of this stage."""
-        per_token = per_layer * len(chunks[c])
+        per_token = per_layer * on_device(c)
         per_token += act.model_extras_per_token(m, tp, s, first and c == 0, False, 1, run.recompute)
         if c == len(chunks) - 1:
             per_token += loss_tok  # the loss's softmax
@@ -217,11 +243,16 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
         return out
 
     saved = live_peak(run, mesh, stage, saved_bytes)
-    loss_saved = loss_tok * unit  # the softmax of the unit whose backward starts
-    layer_bwd = (act.rematerialised_per_token(m, tp, hp, s, run.recompute)
-                 + act.backward_working_per_token(m, tp, s)) * unit
+    host_acts = live_peak(run, mesh, stage, host_bytes) if run.offload_activations else 0.0
+    # offload in flight: a layer's checkpoint copied out while the next runs; in backward the
+    # layer being rebuilt and the one prefetched (engine/model/offload.py)
+    staged = per_layer * unit * (2 if run.offload_activations and any(
+        len(c_) > run.offload_keep_layers for c_ in chunks) else 0)
+    loss_saved = loss_tok * unit  # the softmax (fused: the lse) of the unit whose backward starts
+    layer_bwd = (act.rematerialised_per_token(m, tp, hp, s, run.recompute, tiles)
+                 + act.backward_working_per_token(m, tp, s, tiles)) * unit + staged
     cp_buf = act.cp_buffers_per_token(m, tp, hp, mesh.rp, s) * unit
-    loss = act.loss_transient_per_token(m, tp, s) * unit if last else 0.0
+    loss = act.loss_transient_bytes(m, tp, s, unit, chunk) if last else 0.0
     states = {k_: st[k_] for k_ in ("params", "grads", "optimizer")}
     zero = {"activations": 0.0, "loss": 0.0, "cp_buffers": 0.0}
     # a layer's backward: the unit's softmax is spent (its gradient went into the output layer)
@@ -230,16 +261,20 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
               "step": {**states, **zero, "grads": st["grads"] + st["step_extra"]}}
     if last:
         phases["loss"] = {**states, **zero, "activations": saved, "loss": loss}
-        # the loss's backward: the softmax becomes the logits' gradient in place, cast to bf16
+        # the loss's backward: unfused, the softmax becomes the logits' gradient in place, cast
+        # to bf16; fused, one chunk at a time (engine/fused_loss.py)
         phases["loss_backward"] = {**states, **zero, "activations": saved,
-                                   "loss": (m.padded_vocab(tp) / tp * s * unit) if s != 4 else 0.0}
-    if run.recipe == "dpo":  # reference forward: one layer live at a time, then its loss forward
-        ref_loss = (loss + 4 * m.padded_vocab(tp) / tp * tokens) if last else 0.0
+                                   "loss": act.loss_backward_bytes(m, tp, s, unit, chunk)}
+    if run.recipe == "dpo" and not run.precompute_reference:
+        # reference forward: one layer live at a time, then its loss forward
+        ref_loss = 0.0
+        if last:
+            ref_loss = loss + (4 * m.padded_vocab(tp) / tp * tokens if chunk <= 0 else 0.0)
         grads = st["grads"] if run.sharding == "zero1" else 0.0  # zero1's gradient buckets persist
-        layer = act.layer_bytes_per_token(m, tp, hp, s) * tokens
+        layer = (act.layer_bytes_per_token(m, tp, hp, s, tiles) + act.mlp_tile_per_token(m, tp, s, tiles)) * tokens
         phases["reference"] = {**states, "params": st["params"] + st["window_fwd"], "grads": grads,
                                "activations": layer, "loss": ref_loss, "cp_buffers": cp_buf}
-    return phases, st["host"]
+    return phases, st["host"] + host_acts
 
 
 def stage_memory(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[str, float], str, float]:
@@ -250,14 +285,19 @@ def stage_memory(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
 
 
 def rank_memory(m: ModelSpec, mesh: Mesh, run: Run, gpu_memory_gib: float,
-                fragmentation: float = ALLOCATOR_FRAGMENTATION) -> Breakdown:
-    """The per-rank breakdown of the pipeline stage that needs the most memory."""
-    best = None
+                fragmentation: float = ALLOCATOR_FRAGMENTATION, host_memory_gib_per_node: float = float("inf"),
+                gpus_per_node: int = 8) -> Breakdown:
+    """The per-rank breakdown of the pipeline stage that needs the most memory; ``host`` is the
+    most any stage needs in host memory, which the node's ``host_memory_gib_per_node`` must hold
+    for each of its ranks."""
+    best, host = None, 0.0
     for stage in range(mesh.pp):
-        parts, phase, host = stage_memory(m, mesh, run, stage)
+        parts, phase, stage_host = stage_memory(m, mesh, run, stage)
+        host = max(host, stage_host)
         if best is None or sum(parts.values()) > sum(best[0].values()):
-            best = (parts, phase, stage, host)
-    parts, phase, stage, host = best
+            best = (parts, phase, stage)
+    parts, phase, stage = best
     device = gpu_memory_gib * GIB
     fixed = (CUDA_CONTEXT_GIB + NCCL_COMM_GIB * mesh.communicators()) * GIB
-    return Breakdown(parts, phase, stage, fixed, (device - fixed) * fragmentation, device, host)
+    limit = host_memory_gib_per_node * GIB / min(gpus_per_node, mesh.world)
+    return Breakdown(parts, phase, stage, fixed, (device - fixed) * fragmentation, device, host, limit)

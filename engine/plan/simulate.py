@@ -89,7 +89,9 @@ def planner_inputs(cfg):
     run = Run(seq_len=cfg.data.seq_len, recipe=cfg.recipe, recompute=t.recompute, sharding=cfg.optim.sharding,
               offload=cfg.optim.offload, bf16=t.bf16, micro_batch_size=t.micro_batch_size,
               global_batch_size=t.global_batch_size, pp_schedule=p.pp_schedule, seq_chunks=p.seq_chunks,
-              seq_partition=p.seq_partition)
+              seq_partition=p.seq_partition, loss_chunk=t.loss_chunk_tokens, tile_mlp=t.tile_mlp,
+              offload_activations=t.offload_activations, offload_keep_layers=t.offload_keep_layers,
+              precompute_reference=cfg.recipe == "dpo" and cfg.dpo.precompute_reference)
     return spec, mesh, run
 
 
@@ -144,12 +146,22 @@ def _run_rank(cfg, rank: int, device, start: float) -> dict:
     watch = StepWatch(mesh.device)
     with group_warnings(watch), FakeTensorMode(allow_non_fake_inputs=True), watch:
         model = build_model(cfg, mesh)
-        reference = build_model(cfg, mesh).requires_grad_(False).eval() if cfg.recipe == "dpo" else None
+        # dpo.precompute_reference: training holds no reference and its step reads cached sums
+        precomputed = cfg.recipe == "dpo" and cfg.dpo.precompute_reference
+        reference = (build_model(cfg, mesh).requires_grad_(False).eval()
+                     if cfg.recipe == "dpo" and not precomputed else None)
         opt = MeshOptimizer(model, cfg.optim, mesh, cfg.train.steps)
         # a step of the steady state (every step after the first): AdamW's moments exist before
         # the forward, as they do from the second step of a run or after a resume
         opt.restore_step(1, moments=True)
         host = _host_batches(cfg, mesh)
+        if precomputed:  # synthetic sums in place of the cache's (fp32 [2·pairs], as computed)
+            import torch
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                for mb in host[0]:
+                    mb.reference = torch.zeros(2 * mb.num_pairs)
         tracker = step_memory_tracker()
         _track(tracker, model, reference, opt)
         with tracker:

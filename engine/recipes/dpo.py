@@ -83,9 +83,8 @@ def dpo_micro_batches(dataset: PairSequences, step: int, cfg, mesh, device=None)
     return out
 
 
-def _sequence_sums(x_tH, mb: DPOMicroBatch, chunk):
-    """Per-sequence log-prob sums and token counts from the last stage's final hidden states."""
-    losses = head_losses(chunk, x_tH, mb.batch.labels)
+def _sequence_sums(losses, mb: DPOMicroBatch, chunk):
+    """Per-sequence log-prob sums and token counts from the last stage's per-token losses."""
     return sequence_logprob_sums(losses, mb.segment_ids, 2 * mb.num_pairs, chunk.mesh.group("cp"),
                                  labels_T=mb.batch.labels)
 
@@ -97,7 +96,7 @@ def compute_reference(runtime, micro_batches: list[DPOMicroBatch]) -> None:
     for mb in micro_batches:
         x = runtime.forward_only(mb.batch, head=False)
         if x is not None:
-            mb.reference = _sequence_sums(x, mb, last)[0]
+            mb.reference = _sequence_sums(head_losses(last, x, mb.batch.labels), mb, last)[0]
 
 
 class DPOLoss:
@@ -109,7 +108,7 @@ class DPOLoss:
         self.metrics: dict[str, torch.Tensor] = {}
 
     def __call__(self, chunk, mb: DPOMicroBatch, hidden):
-        sums, counts = _sequence_sums(chunk.final_hidden(mb.batch, hidden), mb, chunk)
+        sums, counts = _sequence_sums(chunk.token_losses(mb.batch, hidden), mb, chunk)
         ref = mb.reference
         loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[0::2], ref[1::2], beta=self.cfg.beta,
                                  loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing,
