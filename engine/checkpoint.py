@@ -218,13 +218,15 @@ def _gatherer(chunk, dtype: torch.dtype):
     from torch.distributed.tensor import DTensor
 
     from engine.parallel.comm import gather_shards
+    from engine.parallel.fsdp import full_tensor
 
     params = {chunk.canonical_name(n): p for n, p in chunk.named_parameters()}
     tp = chunk.mesh.tp
 
     def get(name: str) -> torch.Tensor:
         p = params[name]
-        t = (p.full_tensor() if isinstance(p, DTensor) else p.detach()).to(dtype)
+        # an offloaded FSDP2 shard is on the host: full_tensor gathers it on the device (I-7)
+        t = (full_tensor(p, chunk.mesh.device) if isinstance(p, DTensor) else p.detach()).to(dtype)
         if p.tp_dim is None or tp == 1:
             return t
         shards = gather_shards(t, chunk.mesh.group("tp"))

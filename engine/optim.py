@@ -14,7 +14,8 @@ saved with one resumes with another):
   rank; gradients reduce-scattered, parameters all-gathered. With ``offload`` the shard lives in CPU
   memory and AdamW runs there.
 - :class:`engine.parallel.fsdp.FSDPState` (``fsdp2``): torch's ``fully_shard`` over dp×cp shards the
-  parameters and gradients too.
+  parameters and gradients too. With ``offload`` all three shards live in CPU memory and AdamW runs
+  there.
 
 Memory accounting (:meth:`MeshOptimizer.memory_report`): bytes per rank of the distinct storages
 holding parameters, gradients and optimizer state, the last split by placement. "device" is the
@@ -136,19 +137,22 @@ class MeshOptimizer:
     Construction applies ``cfg.sharding``: ``zero1`` moves the parameters into flat buckets (the
     same Parameter objects), ``fsdp2`` wraps the model's layers with ``fully_shard`` (new DTensor
     Parameter objects: build the optimizer before taking references to parameters). With one
-    dp×cp rank there is nothing to shard and ``fsdp2`` uses the replicated state.
+    dp×cp rank there is nothing to shard and ``fsdp2`` uses the replicated state, or with
+    ``offload`` the one-shard ZeRO-1 state: the whole optimizer state in host memory, while the
+    parameters and gradients stay on the device (``fully_shard`` needs the dp×cp process group,
+    which a single dp×cp rank does not have).
     """
 
     def __init__(self, model: torch.nn.Module, cfg, mesh, total_steps: int):
         self.model, self.cfg, self.mesh, self.total_steps = model, cfg, mesh, total_steps
         self.sharding = cfg.sharding
-        if cfg.offload and cfg.sharding != "zero1":
-            raise ValueError(f"optim.offload=true needs optim.sharding=zero1 (got {cfg.sharding!r}): the CPU "
-                             f"offload of optimizer states is implemented by the ZeRO-1 optimizer")
+        if cfg.offload and cfg.sharding not in ("zero1", "fsdp2"):
+            raise ValueError(f"optim.offload=true needs optim.sharding=zero1 or fsdp2 (got {cfg.sharding!r}): the "
+                             f"CPU offload is of the optimizer's shard (zero1) or of every shard (fsdp2)")
         params = [p for p in model.parameters() if p.requires_grad]
         modules = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
         chunks = [[p for p in m.parameters() if p.requires_grad] for m in modules]  # per model chunk
-        if cfg.sharding == "zero1":
+        if cfg.sharding == "zero1" or (cfg.offload and mesh.group("dp_cp") is None):
             from engine.parallel.zero import ZeroState
 
             self.state = ZeroState(params, cfg, mesh, chunks)
@@ -186,8 +190,10 @@ class MeshOptimizer:
         norm = global_grad_norm(params, pieces, self.mesh, sharded=self.state.sharded)
         if self.cfg.clip_grad > 0:
             coef = torch.clamp(self.cfg.clip_grad / (norm + 1e-6), max=1.0)
+            # one copy per place the pieces live (FSDP2 offload: the host), not one per piece (I-9)
+            coefs = {d: coef.to(d) for d in {g.device for g in pieces}}
             for g in pieces:
-                g.mul_(coef.to(device=g.device, dtype=g.dtype))
+                g.mul_(coefs[g.device].to(g.dtype))
         return (self.state.full_grads() if full_grads else None), norm
 
     def update(self) -> float:

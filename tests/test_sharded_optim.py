@@ -229,7 +229,6 @@ def test_checkpoints_across_shardings(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["optim.offload=true"], "optim.offload=true needs optim.sharding=zero1"),
-    (["optim.offload=true", "optim.sharding=fsdp2"], "optim.offload=true needs optim.sharding=zero1"),
     (["optim.sharding=fsdp2", "train.bf16=true", "parallel.pp=2"], "use parallel.pp=1 or optim.sharding=zero1"),
 ])
 def test_unsupported_combinations_are_config_errors(overrides, message):

@@ -23,15 +23,17 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from engine.parallel.comm import COUNTER, _all_gather_tensor, _reduce_scatter_tensor, all_reduce_
 
 
-def _coalesced_all_reduce(tensors: list[torch.Tensor], group) -> None:
-    """Sum ``tensors`` over ``group`` in one collective per dtype."""
+def _coalesced_all_reduce(tensors: list[torch.Tensor], group, device: torch.device) -> None:
+    """Sum ``tensors`` over ``group`` in one collective per dtype, run on ``device`` (the mesh's:
+    FSDP2's offloaded gradient shards live on the host, I-7)."""
     if group is None or not tensors:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for same in by_dtype.values():
-        flat = all_reduce_(_flatten_dense_tensors(same), group)
+        flat = all_reduce_(_flatten_dense_tensors(same).to(device, non_blocking=True), group)
+        flat = flat.to(same[0].device)  # back to the host in one copy where the gradients live there
         for t, r in zip(same, _unflatten_dense_tensors(flat, same)):
             t.copy_(r)
 
@@ -40,10 +42,11 @@ def reduce_replicas(params: list[torch.nn.Parameter], grads: list[torch.Tensor],
     """The sums that are not over dp×cp: tp-replicated gradients summed over tp, tied-embedding
     copies over the pipeline ends. Works on whole gradients or on the same
     dp×cp shard of them (the tp peers and both pipeline ends of a rank have the same dp×cp index, so
-    they hold the same elements)."""
-    _coalesced_all_reduce([g for p, g in zip(params, grads) if p.tp_dim is None], mesh.group("tp"))
+    they hold the same elements). Host-resident gradients (FSDP2 offload) are summed on the mesh's
+    device and copied back."""
+    _coalesced_all_reduce([g for p, g in zip(params, grads) if p.tp_dim is None], mesh.group("tp"), mesh.device)
     _coalesced_all_reduce([g for p, g in zip(params, grads) if getattr(p, "shared_embedding", False)],
-                          mesh.group("pp_ends"))
+                          mesh.group("pp_ends"), mesh.device)
 
 
 def shard_index(group) -> int:
@@ -106,7 +109,9 @@ def global_grad_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor]
     # one fp32 norm per tensor (no float64 copy of a gradient), their squares summed in float64
     norms = torch._foreach_norm([g for g in counted if g.numel()]) if counted else []
     sq = torch.stack(norms).double().pow(2).sum() if norms else torch.zeros((), dtype=torch.float64)
-    sq = sq.to(mesh.device)  # offloaded shards live on the CPU; the collectives run where the mesh does
+    # offloaded shards live on the CPU; the collectives run where the mesh does (a pageable source:
+    # non_blocking does not make the host wait for the device, and the copy is staged at once)
+    sq = sq.to(mesh.device, non_blocking=True)
     all_reduce_(sq, mesh.group("tp"))
     all_reduce_(sq, mesh.group("pp"))
     if sharded:

@@ -23,6 +23,21 @@ What had to be set for I-5 and for gloo (torch 2.13, CPU):
 Gradients of tp-replicated parameters and of the tied-embedding copies are then summed over tp and
 over the pipeline ends on the local shards (engine/parallel/data.py), and the global norm sums the
 squares of all shards.
+
+Offload (``optim.offload``): every ``fully_shard`` gets ``CPUOffloadPolicy``, so the three things
+FSDP2 shards live in host memory — the fp32 parameter shards (the masters), the gradient shards and
+the AdamW moments (created by AdamW on the sharded parameters, hence host tensors too). The device
+holds a layer's parameters only while it runs: each all-gather first copies the host shard to the
+device (in the compute dtype), and each reduce-scatter's output shard is copied back to the host.
+The optimizer step runs on the CPU, where the states are (fused AdamW: torch's CPU kernel): stepping
+on the device would bring 16 bytes per parameter (master, gradient, two moments) over to it and
+back every step, and need the room offload exists to free. The host shards are pinned on a CUDA
+mesh, so the parameter copies do not block the host. The collectives still run on the device
+(I-7): ``reduce_replicas`` moves its flat host sums to the mesh's device and back, the global
+norm its sum of squares, :func:`full_tensor` all-gathers whole tensors there. With several micro-batches
+per step, torch accumulates the gradient shards on the host: from the second micro-batch on each
+shard's copy is blocking (the CPU add needs it), so the host waits once per parameter per
+micro-batch — offload's price in host syncs (I-9), shown by ``meshtron-plan --simulate``.
 """
 from __future__ import annotations
 
@@ -44,18 +59,30 @@ def _chunk0(t: torch.Tensor, num: int, slot: int) -> torch.Tensor:
     return chunks[slot]
 
 
+@torch.no_grad()
+def full_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The whole tensor of the dp×cp-sharded DTensor ``t``, all-gathered on ``device`` (the mesh's:
+    an offloaded shard lives on the host, and I-7 wants every collective's tensors on the device)."""
+    from torch.distributed.tensor import DTensor
+
+    # one path on and off the device: .to() is a no-op where the shard already is on it
+    local = t.to_local().to(device, non_blocking=True)
+    return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride()).full_tensor()
+
+
 class FSDPState:
     """AdamW on ``fully_shard``-ed parameters; the interface of the other state objects of
     :class:`engine.optim.MeshOptimizer` (reduce, adam_step, checkpoint_pieces, full_weights, …)."""
 
     sharded = True
-    offload = False
 
     def __init__(self, model: torch.nn.ModuleList, cfg, mesh):
         from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
 
         self.model, self.cfg, self.mesh = model, cfg, mesh
+        self.offload = cfg.offload
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.param_dtype = trainable[0].dtype
         self.mixed = any(p.dtype != torch.float32 for p in trainable)
@@ -68,12 +95,18 @@ class FSDPState:
         self.num_shards, self.slot = dist.get_world_size(group), dist.get_rank(group)
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype if self.mixed else None,
                                       reduce_dtype=torch.float32, cast_forward_inputs=False)
+        # pinned host shards on a CUDA mesh: the copies to and from the device do not block the host
+        offload = CPUOffloadPolicy(pin_memory=mesh.device.type == "cuda") if cfg.offload else OffloadPolicy()
         self.modules = []
         for chunk in model:
             for layer in chunk.decoder.layers:
-                fully_shard(layer, mesh=self.dm, mp_policy=policy)
+                fully_shard(layer, mesh=self.dm, mp_policy=policy, offload_policy=offload)
                 self.modules.append(layer)
-            fully_shard(chunk, mesh=self.dm, mp_policy=policy)
+            fully_shard(chunk, mesh=self.dm, mp_policy=policy, offload_policy=offload)
+            # the loss path enters the chunk through these methods, not forward (engine/loss.py):
+            # FSDP2 must gather and reshard around them as it does around forward
+            for method in ("final_hidden", "token_losses"):
+                register_fsdp_forward_method(chunk, method)
             self.modules.append(chunk)
         for m in self.modules:
             m.set_gradient_divide_factor(1.0)
@@ -82,8 +115,9 @@ class FSDPState:
         self.params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
-        # fused on CUDA (DTensor shards included), as the other states: no foreach temporaries
-        fused = all(p.is_cuda for p in self.params)
+        # fused, as the other states on CUDA (no foreach temporaries), and on the host shards when
+        # offloaded (torch's fused AdamW has a CPU kernel; the default there is a per-tensor loop)
+        fused = self.offload or all(p.is_cuda for p in self.params)
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
@@ -118,7 +152,7 @@ class FSDPState:
 
     def full_grads(self) -> list[torch.Tensor]:
         """Whole local fp32 gradients aligned with ``params`` (all-gathered; for tests)."""
-        return [p.grad.full_tensor() for p in self.params]
+        return [full_tensor(p.grad, self.mesh.device) for p in self.params]
 
     # -- whole weights and checkpoints ---------------------------------------------------------
     @contextmanager
@@ -131,7 +165,8 @@ class FSDPState:
         sharded = dict(self.model.named_parameters())
         full = {}
         for name, p in sharded.items():
-            full[name] = torch.nn.Parameter(p.full_tensor().to(self.param_dtype), requires_grad=p.requires_grad)
+            full[name] = torch.nn.Parameter(full_tensor(p, self.mesh.device).to(self.param_dtype),
+                                            requires_grad=p.requires_grad)
         self._swap(full)
         self._mark(full.items())
         try:
@@ -169,9 +204,10 @@ class FSDPState:
 
     def init_moments(self, step: int) -> None:
         """Zero AdamW moments (DTensors sharded like the parameters) at step count ``step``."""
-        for p in self.params:
-            self.adam.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+        fused = bool(self.adam.defaults.get("fused"))
+        for p in self.params:  # fused AdamW keeps the step count where the shard is
+            self.adam.state[p] = {"step": torch.tensor(float(step), device=p.device if fused else "cpu"),
+                                  "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     # -- accounting ----------------------------------------------------------------------------
     def state_tensors(self) -> list[torch.Tensor]:

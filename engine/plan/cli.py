@@ -2,6 +2,7 @@
 
     meshtron-plan --model qwen2.5-7b --gpus 8 --gpu-memory-gb 80 --seq-len 131072 --recipe sft
     meshtron-plan --model configs/qwen2.5-7b-sft-128k.yaml --gpus 16 --max-seq-len --tp 2 --cp 8
+    meshtron-plan --model llama3-8b --gpus 8 --recipe sft --max-seq-len --json --emit-config long.yaml
     meshtron-plan --validate-360lf
     meshtron-plan --simulate configs/qwen2.5-72b-sft-128k.yaml [section.key=value ...] [--rank R ...] [--json]
 
@@ -12,12 +13,17 @@ NCCL + the allocator's fragmentation reserve (engine/plan/devices.py). ``--valid
 the model of 360-LLaMA-Factory's memory beside its published maxima (a report: exit 0). ``--simulate CONFIG`` runs the engine's own training step for
 ranks of the configured world under fake tensors and a fake process group (engine/plan/simulate.py)
 and prints its peak memory beside this planner's prediction; exit 0 when it fits the config's GPU,
-1 when it does not, 2 on bad input. Also ``python -m engine.plan.cli``.
+1 when it does not, 2 on bad input. ``--max-seq-len`` searches the meshes and the memory levers
+(engine/plan/reach.py) for the longest sequence that fits the GPUs and the nodes' host memory, and
+prints, last, one JSON line ``{"max_seq_len", "settings", "peak_gib", "host_gib_per_node",
+"step_s"}``; ``--emit-config FILE`` writes that run as a meshtron YAML (which ``--simulate FILE``
+checks). Also ``python -m engine.plan.cli``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 from engine.plan import lf360
@@ -25,7 +31,7 @@ from engine.plan.activations import RECOMPUTE
 from engine.plan.devices import ALLOCATOR_FRAGMENTATION, DEVICES, GIB
 from engine.plan.memory import COMPONENTS, Mesh, Run, rank_memory
 from engine.plan.models import resolve_model
-from engine.plan.search import max_seq_len, mesh_problem, plan
+from engine.plan.search import mesh_problem, plan
 
 SHARDING = ("none", "zero1", "fsdp2")
 
@@ -44,7 +50,8 @@ def parse_args(argv):
     ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE, default=list(RECOMPUTE))
     ap.add_argument("--sharding", nargs="+", choices=SHARDING,
                     help="optimizer sharding over dp x cp to try (default: all; zero1 with --offload)")
-    ap.add_argument("--offload", action="store_true", help="optimizer states in host memory (needs zero1)")
+    ap.add_argument("--offload", action="store_true",
+                    help="optimizer states in host memory (zero1; fsdp2: parameters and gradients too)")
     ap.add_argument("--fp32", action="store_true", help="fp32 parameters and activations (default bf16)")
     ap.add_argument("--global-batch", type=int, default=0, help="sequences per step (0: one per GPU)")
     ap.add_argument("--micro-batch-size", type=int, default=1)
@@ -53,7 +60,13 @@ def parse_args(argv):
     ap.add_argument("--seq-chunks", type=int, default=1, help="Seq1F1B units per micro-batch")
     for axis in ("tp", "cp", "hp", "pp"):
         ap.add_argument(f"--{axis}", type=int, help=f"pin the {axis} degree (default: try all)")
-    ap.add_argument("--max-seq-len", action="store_true", help="print the longest seq_len the mesh holds")
+    ap.add_argument("--max-seq-len", action="store_true",
+                    help="search meshes and memory levers for the longest seq_len that fits")
+    ap.add_argument("--host-memory-gb", type=float, default=2048.0, help="host (CPU) memory per node in GiB")
+    ap.add_argument("--emit-config", metavar="FILE", help="--max-seq-len: write the found run as a meshtron YAML")
+    ap.add_argument("--margin", type=float, default=0.02,
+                    help="--max-seq-len: share of GPU memory kept spare beyond the fragmentation reserve, so "
+                         "the simulated step (which may differ from the planner by ~1 %%) still fits")
     ap.add_argument("--fragmentation", type=float, default=ALLOCATOR_FRAGMENTATION,
                     help="share of GPU memory lost to allocator fragmentation")
     ap.add_argument("--top", type=int, default=20, help="rows to print")
@@ -65,7 +78,7 @@ def parse_args(argv):
     ap.add_argument("--rank", type=int, action="append",
                     help="global rank to simulate (repeatable; default: the first rank of the first and of the "
                          "last pipeline stage)")
-    ap.add_argument("--json", action="store_true", help="--simulate: print only the JSON line")
+    ap.add_argument("--json", action="store_true", help="--simulate / --max-seq-len: print only the JSON line")
     return ap.parse_args(argv)
 
 
@@ -93,11 +106,16 @@ def check_args(a) -> None:
         v = getattr(a, axis)
         if v is not None and (v < 1 or a.gpus % v):
             raise ValueError(f"--{axis} {v} must be a positive divisor of --gpus {a.gpus}")
-    if a.offload and a.sharding not in (None, ["zero1"]):
-        raise ValueError(f"--offload needs --sharding zero1 (got {' '.join(a.sharding)}): the ZeRO-1 optimizer "
-                         f"is what keeps the optimizer states in host memory")
+    if a.offload and a.sharding is not None and "none" in a.sharding:
+        raise ValueError(f"--offload needs --sharding zero1 or fsdp2 (got {' '.join(a.sharding)}): the sharded "
+                         f"optimizers are what keep states in host memory")
     if a.sharding is None:
-        a.sharding = ["zero1"] if a.offload else list(SHARDING)
+        a.sharding = ["zero1", "fsdp2"] if a.offload else list(SHARDING)
+    if a.host_memory_gb <= 0 or not 0 <= a.margin < 1 - a.fragmentation:
+        raise ValueError(f"--host-memory-gb must be > 0 (got {a.host_memory_gb}) and --margin in [0, "
+                         f"{1 - a.fragmentation:g}) (got {a.margin})")
+    if a.emit_config and not a.max_seq_len:
+        raise ValueError("--emit-config writes the run --max-seq-len finds; add --max-seq-len")
     if a.vpp > 1 and a.pp_schedule != "interleaved":
         raise ValueError("--vpp > 1 needs --pp-schedule interleaved")
     if a.seq_chunks > 1 and a.pp_schedule != "seq1f1b":
@@ -143,25 +161,44 @@ def run_plan(a, m, base: Run) -> int:
 
 
 def run_max_seq_len(a, m, base: Run) -> int:
-    tp, cp, hp, pp = (getattr(a, k) or 1 for k in ("tp", "cp", "hp", "pp"))
-    if a.gpus % (tp * cp * pp):
-        raise ValueError(f"--tp {tp} x --cp {cp} x --pp {pp} does not divide --gpus {a.gpus}")
-    mesh = Mesh(tp, cp, hp, pp, a.gpus // (tp * cp * pp), a.vpp if pp > 1 else 1)
-    problem = mesh_problem(m, mesh, base, a.gpus_per_node)
-    if problem:
-        raise ValueError(problem)
-    print(f"{m.name}: {a.recipe}, {a.gpus} x {a.gpu_memory_gb:g} GiB, mesh tp={tp} cp={cp} (hp={hp} x rp={mesh.rp}) "
-          f"pp={pp} dp={mesh.dp}; longest seq_len that fits, and its memory per rank in GiB")
-    print(f"{'recompute':<16} {'sharding':<8} {'max seq_len':>11} " + " ".join(f"{c[:7]:>7}" for c in COMPONENTS)
-          + f" {'fixed':>7} {'total':>7}")
-    for recompute in a.recompute:
-        for sharding in a.sharding:
-            run = dataclasses.replace(base, recompute=recompute, sharding=sharding)
-            best = max_seq_len(m, mesh, run, a.gpu_memory_gb, a.fragmentation)
-            mem = rank_memory(m, mesh, dataclasses.replace(run, seq_len=max(best, 1)), a.gpu_memory_gb,
-                              a.fragmentation)
-            print(f"{recompute:<16} {sharding:<8} {best:>11} " + " ".join(_gib(mem.parts[k]) for k in COMPONENTS)
-                  + f" {_gib(mem.fixed + mem.reserve)} {_gib(mem.total)}")
+    from engine.plan import reach
+
+    pins = {k: getattr(a, k) for k in ("tp", "cp", "hp", "pp")}
+    budget = reach.Budget(a.gpu_memory_gb, a.host_memory_gb, a.gpus_per_node, a.fragmentation + a.margin)
+    best, per_mesh = reach.search(m, a.gpus, base, budget, DEVICES[a.gpu], a.sharding, a.recompute, a.offload,
+                                  a.vpp, **pins)
+    if not per_mesh:
+        problem = mesh_problem(m, Mesh(*(pins[k] or 1 for k in ("tp", "cp", "hp", "pp"))), base, a.gpus_per_node)
+        raise ValueError(problem or f"no mesh of {a.gpus} GPUs runs {m.name} with the pinned degrees")
+    if not a.json:
+        print(f"{m.name}: {a.recipe}, {a.gpus} x {a.gpu_memory_gb:g} GiB ({a.gpu}), host {a.host_memory_gb:g} GiB "
+              f"per node of {a.gpus_per_node}; longest seq_len per mesh with every memory lever on, then the "
+              f"fastest settings that hold the longest")
+        print(f"{'tp':>3} {'cp':>3} {'hp x rp':>6} {'pp':>3} {'dp':>3}  {'max seq_len':>11}")
+        for mesh, n in sorted(per_mesh, key=lambda x: -x[1])[:a.top]:
+            print(f"{_mesh(mesh)}  {n:>11}")
+    if best is None:
+        print(json.dumps({"max_seq_len": 0, "settings": None, "peak_gib": None, "host_gib_per_node": None,
+                          "step_s": None}))
+        return 1
+    # peak and step at the real budget (the search kept --margin spare)
+    mem = reach._memory(m, best.mesh, best.run, dataclasses.replace(budget, fragmentation=a.fragmentation))
+    out = {"max_seq_len": best.seq_len, "settings": best.settings(), "peak_gib": round(mem.allocated / GIB, 3),
+           "host_gib_per_node": round(best.host_gib_per_node(a.gpus_per_node), 1),
+           "step_s": round(best.time["total"], 1)}
+    if not a.json:
+        print(f"settings: {' '.join(f'{k}={v}' for k, v in out['settings'].items())}")
+        print(f"memory per rank (GiB): " + " ".join(f"{k} {mem.parts[k] / GIB:.2f}" for k in COMPONENTS)
+              + f"; fixed + reserve {(mem.fixed + mem.reserve) / GIB:.2f}; total {mem.total / GIB:.2f} of "
+              f"{a.gpu_memory_gb:g} ({mem.phase}); host {mem.host / GIB:.1f} per rank")
+        print("step time (s): " + " ".join(f"{k} {v:.1f}" for k, v in best.time.items()))
+    if a.emit_config:
+        from engine.plan.emit import write_config
+
+        write_config(a.emit_config, m, best, a)
+        if not a.json:
+            print(f"wrote {a.emit_config}: check it with meshtron-plan --simulate {a.emit_config}")
+    print(json.dumps(out), flush=True)
     return 0
 
 
@@ -224,8 +261,9 @@ def main(argv=None) -> int:
         if a.validate_360lf:
             return run_validate(a)
         m = resolve_model(a.model)
+        gbs = a.global_batch or (0 if a.max_seq_len else a.gpus)  # reach: one sequence per dp rank
         base = Run(seq_len=a.seq_len or 2, recipe=a.recipe, offload=a.offload, bf16=not a.fp32,
-                   micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch or a.gpus,
+                   micro_batch_size=a.micro_batch_size, global_batch_size=gbs,
                    pp_schedule=a.pp_schedule, seq_chunks=a.seq_chunks)
         return run_max_seq_len(a, m, base) if a.max_seq_len else run_plan(a, m, base)
     except ValueError as e:

@@ -18,11 +18,15 @@ backward and once more under any recompute; ring: (rp − 1) K/V blocks forward 
 ``full``/``selective``), K/V and fp32 dK/dV backward; dp×cp: the fp32 gradient
 all-reduce (zero1: reduce-scatter + parameter all-gather; fsdp2: two parameter all-gathers + the
 gradient reduce-scatter); pp: the activations and their gradients at stage boundaries; offload:
-gradients to and masters from the host over PCIe plus the CPU Adam.
+gradients to and masters from the host over PCIe plus the CPU Adam (fsdp2: the parameter shards
+to the device for both gathers and the gradient shards back); activation offload: each offloaded
+layer input out and back over PCIe on side streams, hidden behind the compute (only the excess
+counts). The fused loss runs the output layer once more in backward; a tiled MLP runs the MLP
+forward once more (its tiles are rebuilt inside backward).
 """
 from __future__ import annotations
 
-from engine.plan.activations import _kv_heads_per_rank
+from engine.plan.activations import _kv_heads_per_rank, kept_per_layer
 from engine.plan.memory import Mesh, Run, micro_batches, tokens_per_rank
 from engine.plan.models import ModelSpec, param_counts
 
@@ -45,6 +49,7 @@ def step_flops(m: ModelSpec, run: Run) -> tuple[float, float]:
     fwd = f["qkv"] + f["proj"] + f["mlp"] + f["head"]
     again = {"none": 0.0, "full": fwd - f["head"], "attention-cached": fwd - f["head"],
              "selective": f["qkv"]}[run.recompute]
+    again += f["head"] * (run.loss_chunk > 0) + f["mlp"] * (run.tile_mlp > 1)
     attn = 3.5 + (run.recompute in ("full", "selective"))
     ref = run.recipe == "dpo"
     return 3 * fwd + again + ref * fwd, f["attention"] * (attn + ref)
@@ -80,6 +85,13 @@ def step_time(m: ModelSpec, mesh: Mesh, run: Run, device, gpus_per_node: int = 8
     out["dp"] = (D - 1) / D * P * per_elem / _bw(device, tp * D <= gpus_per_node) if D > 1 else 0.0
     out["pp"] = (2 * T / tp * m.hidden_size * s * mb / _bw(device, mesh.world // mesh.pp < gpus_per_node)
                  if mesh.pp > 1 else 0.0)
-    out["offload"] = (8 * P / D / device.host_bw + P / D * device.cpu_adam_s_per_param) if run.offload else 0.0
+    moved = (2 * 4 + 4) if run.sharding == "fsdp2" else 8  # bytes per parameter over PCIe per step
+    out["offload"] = (moved * P / D / device.host_bw + P / D * device.cpu_adam_s_per_param) if run.offload else 0.0
+    if run.offload_activations:
+        layers = m.num_layers / mesh.pp
+        kept = min(run.offload_keep_layers * mesh.vpp, layers)
+        per_layer = kept_per_layer(m, tp, hp, s, run.recompute, run.tile_mlp) * T
+        pcie = 2 * per_layer * (layers - kept) * mb / device.host_bw
+        out["offload"] += max(0.0, pcie - compute)
     out["total"] = sum(out.values())
     return out
