@@ -70,7 +70,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         local_vocab = weight.shape[0]
         labels_RT = labels.view(tp, t)
         lse_RT = torch.empty(tp, t, dtype=torch.float32, device=x.device)
-        losses_RT = torch.empty(tp, t, dtype=torch.float32, device=x.device)
+        losses = torch.empty(tp * t, dtype=torch.float32, device=x.device)  # returned whole: not a view
+        losses_RT = losses.view(tp, t)
         for s, e in _pieces(t, tp, chunk_tokens):
             z = _chunk_logits(all_gather_dim(x[s:e], 0, group), weight, real)
             lab = labels_RT[:, s:e].reshape(-1)
@@ -88,7 +89,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses_RT[:, s:e] = loss.view(tp, -1)
         ctx.save_for_backward(x, weight, labels, lse_RT)
         ctx.vocab_start, ctx.real, ctx.group, ctx.chunk_tokens = vocab_start, real, group, chunk_tokens
-        return losses_RT.view(-1)
+        return losses
 
     @staticmethod
     def backward(ctx, grad_loss):

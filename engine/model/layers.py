@@ -26,23 +26,50 @@ from engine.parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark
 
 class _RMSNorm(torch.autograd.Function):
     """``w · (x / rms(x))`` normalised in fp32 and cast to x's dtype before the weight (the order
-    of transformers' Llama); saves x and the fp32 ``rstd [.., 1]``, and rebuilds x/rms(x) in backward."""
+    of transformers' Llama); saves x and the fp32 ``rstd [.., 1]``, and rebuilds x/rms(x) in backward.
+
+    Forward and backward run over blocks of at most :data:`NORM_BLOCK` elements of tokens: the fp32
+    working copies of a whole ``[T, h]`` (four of them in backward) are the largest temporaries
+    of a long-sequence step otherwise (8.9 GB each at 544k tokens × 4096). Per token the math is
+    the same; with one block (every sequence below ~16k tokens at h = 4096) the code path is
+    the unblocked one, and across blocks the weight's gradient is summed in fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
+        out = torch.empty_like(x)
+        rstd = x.new_empty(x.shape[:-1] + (1,), dtype=torch.float32)
+        for s, e in _norm_blocks(x):
+            x32 = x[s:e].float()
+            rstd[s:e] = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
+            out[s:e] = weight * (x32 * rstd[s:e]).to(x.dtype)  # (x32 is x itself when x is fp32)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        y32 = x.float() * rstd
-        dw = (grad * y32.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
-        dy32 = (grad * weight).float()
-        dx = (dy32 - y32 * (dy32 * y32).mean(-1, keepdim=True)).mul_(rstd)
-        return dx.to(x.dtype), dw, None
+        blocks = _norm_blocks(x)
+        dx = torch.empty_like(x)
+        dw = None
+        for s, e in blocks:
+            y32 = x[s:e].float() * rstd[s:e]
+            part = (grad[s:e] * y32.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+            dw = part if len(blocks) == 1 else (part.float() if dw is None else dw.add_(part))
+            dy32 = (grad[s:e] * weight).float()
+            dot = (dy32 * y32).mean(-1, keepdim=True)
+            dx[s:e] = dy32.sub_(y32.mul_(dot)).mul_(rstd[s:e]).to(x.dtype)
+        return dx, dw.to(weight.dtype), None
+
+
+NORM_BLOCK = 2**26
+"""Elements of ``[tokens, h]`` an RMSNorm block holds (64M: 256 MB per fp32 working copy)."""
+
+
+def _norm_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
+    """Token ranges (dim 0) of at most NORM_BLOCK elements; one range for a short sequence."""
+    n = x.shape[0]
+    per = max(1, NORM_BLOCK // max(1, x[0].numel()))
+    return [(s, min(s + per, n)) for s in range(0, n, per)] or [(0, 0)]
 
 
 class RMSNorm(nn.Module):

@@ -96,9 +96,12 @@ def rematerialised_per_token(m, tp: int, hp: int, s: int, recompute: str, tiles:
 
 
 def backward_working_per_token(m, tp: int, s: int, tiles: int = 1) -> float:
-    """Gradients alive inside one layer's backward (estimate): of fc1's output (2f), of the silu
-    product (f) — one tile's when tiled — and of the layer's input and output (2h)."""
-    return s * (3 * m.ffn_hidden_size / max(tiles, 1) + 2 * m.hidden_size) / tp
+    """Alive inside one layer's backward (estimate): the gradients of fc1's output (2f) and of the
+    silu product (f) — one tile's when tiled — and, at the QKV projection, its input gathered
+    again over tp and its input gradient before the reduce-scatter: two ``[T, h]`` tensors over
+    ALL T tokens (sequence parallelism splits them only between the linears), which is why tp
+    reaches less far than cp at equal degree."""
+    return s * 3 * m.ffn_hidden_size / max(tiles, 1) / tp + 2 * s * m.hidden_size
 
 
 def model_extras_per_token(m, tp: int, s: int, first: bool, last: bool, num_chunks: int,

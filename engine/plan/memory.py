@@ -14,8 +14,17 @@ zero1     s_p·P                 4P: fp32 buckets, reduce-scattered   (4 if bf16
 fsdp2     4P/D + 2 layers·s_p   4P/D + 1 layer·4                     8P/D
 ========  ====================  ===================================  ===============================
 
+``offload`` moves the optimizer column to host memory; with fsdp2 (torch's ``CPUOffloadPolicy``)
+the parameter and gradient shards go too, and the device keeps only what is gathered.
+
 DPO adds the frozen reference model (s_p·P, forward only) and runs it over every micro-batch
-before the policy (engine/recipes/dpo.py), a phase with no saved activations.
+before the policy (engine/recipes/dpo.py), a phase with no saved activations — unless
+``precompute_reference``: then the sums were computed before training and neither exists.
+
+Activation offload (engine/model/offload.py) keeps the first ``offload_keep_layers`` layers of
+each model chunk's checkpoints on the device and the rest in host memory (the host column, at
+the schedule's peak of micro-batches in flight), plus two layers' worth staged on the device in
+backward (the layer being rebuilt, the one prefetched).
 
 The peak is the largest of these phases: ``loss`` (last stage: states, the saved activations of
 the micro-batches in flight and the cross-entropy's forward working set), ``backward`` (states,
@@ -182,7 +191,10 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
     s_p, pool = (2 if run.bf16 else 4), mesh.dp * mesh.cp
     layer = layer_params(m) / mesh.tp
     window_bwd = window_fwd = 0.0
-    if run.sharding == "fsdp2":
+    sharding = run.sharding
+    if sharding == "fsdp2" and pool == 1 and run.offload:
+        sharding = "zero1"  # one dp×cp rank: engine/optim.py offloads through the ZeRO-1 state
+    if sharding == "fsdp2":
         # fp32 shards (the masters) and their gradient shards; the chunk's own parameters
         # (embedding, final norm, output layer) stay gathered from its forward to its backward;
         # a layer is gathered for its forward and again for its backward (the next one
@@ -190,13 +202,13 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
         root = p - num_layers * layer
         params, grads, optim = 4 * p / pool + s_p * root, 4 * p / pool, 8 * p / pool
         window_fwd, window_bwd = 2 * layer * s_p, 2 * layer * s_p + 4 * layer
-    elif run.sharding == "zero1":  # fp32 main_grad buckets; fp32 masters (bf16 only) and moments of 1/pool
+    elif sharding == "zero1":  # fp32 main_grad buckets; fp32 masters (bf16 only) and moments of 1/pool
         params, grads, optim = s_p * p, 4 * p, (12 if run.bf16 else 8) * p / pool
     else:  # fp32 main_grad buckets (reduced in place), fp32 masters (bf16 only) and moments
         params, grads, optim = s_p * p, 4 * p, (12 if run.bf16 else 8) * p
     step_extra = 0.0
     host = 0.0
-    if run.offload and run.sharding == "fsdp2":
+    if run.offload and sharding == "fsdp2":
         # CPUOffloadPolicy: the fp32 parameter shards, their gradients and the moments are host
         # tensors; the device holds what is gathered (root and layer windows) and one layer's
         # unsharded gradient until it is reduce-scattered and copied out

@@ -342,8 +342,13 @@ def step_memory_tracker():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if _PROPAGATING[0]:  # DTensor's metadata propagation: stand-ins, not the rank's memory
                 return func(*args, **(kwargs or {}))
+            before = sum(v for d, v in self._peak_mem.items() if d.type != "cpu")
             out = super().__torch_dispatch__(func, types, args, kwargs)
             self.note_peak()
+            if sum(v for d, v in self._peak_mem.items() if d.type != "cpu") > before:
+                # where the accelerator's peak was reached (a built-in op's backward has no Python
+                # frame of its own: the op names it)
+                self.peak_site = " < ".join(x for x in (str(func), _engine_frames()) if x)
             return out
 
         def note_peak(self) -> None:
@@ -352,5 +357,15 @@ def step_memory_tracker():
                 if snap[_TOTAL_KEY] > self._peak_mem.get(dev, 0):
                     self._peak_mem[dev] = snap[_TOTAL_KEY]
                     self._peak_mem_snap[dev] = dict(snap)
+
+    return StepMemTracker()
+
+
+def _engine_frames(depth: int = 4) -> str:
+    """The innermost engine frames of the current Python stack, outermost first ("file:line fn")."""
+    import traceback
+
+    frames = [f for f in traceback.extract_stack() if "/engine/" in f.filename and "/engine/plan/" not in f.filename]
+    return " < ".join(f"{f.filename.rsplit('/engine/', 1)[1]}:{f.lineno} {f.name}" for f in reversed(frames[-depth:]))
 
     return StepMemTracker()

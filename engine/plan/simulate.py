@@ -174,6 +174,7 @@ def _run_rank(cfg, rank: int, device, start: float) -> dict:
     host_peak = sum(v for dev, snap in peak.items() if dev.type == "cpu" for k, v in snap.items() if k == "Total")
     return {"rank": rank, "coords": {a: mesh.index(a) for a in ("pp", "dp", "tp", "cp", "hp", "rp")},
             "stage": mesh.index("pp"), "peak_bytes": device_peak["total"], "categories": device_peak,
+            "peak_site": getattr(tracker, "peak_site", ""),
             "host_bytes": host_peak, "save_peak_bytes": save_peak, "host_syncs": watch.num_syncs,
             "host_sync_sites": [f"{where} {kind} x{n}" for (where, kind), n in sorted(watch.syncs.items())],
             "unknown_host_values": [f"{where} x{n}" for where, n in watch.unknown_host_values.items()],
@@ -416,6 +417,8 @@ def format_report(report: dict, config: str) -> str:
                      f"{r['seconds']:.0f} s")
         for name in CATEGORIES:
             lines.append(f"  {name:<12} {r['categories'][name] / GIB:9.2f} GiB")
+        if r.get("peak_site"):
+            lines.append(f"  peak reached at {r['peak_site']}")
         lines.append(f"  {'host':<12} {r['host_bytes'] / GIB:9.2f} GiB   checkpoint save adds "
                      f"{r['save_peak_bytes'] / GIB:.2f} GiB on the device")
         lines.append(f"  host syncs per step: {r['host_syncs']}" + "".join(f"\n    {s}" for s in r["host_sync_sites"]))
