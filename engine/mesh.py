@@ -167,6 +167,12 @@ class ParallelMesh:
             _atoms(axis)
         return self._groups.get(axis)
 
+    def own_group(self):
+        """A process group of this rank alone, or None: made (with every rank's, by every rank) only
+        when dp×cp has one rank in a world of several, for FSDP2's 1-rank DeviceMesh under CPU
+        offload (engine/parallel/fsdp.py, which starts a world of one for a single process)."""
+        return self._groups.get("own")
+
     def index(self, axis: str) -> int:
         """This rank's index along ``axis`` (for cp: rp-major, hp-minor)."""
         if axis in self.coords:
@@ -201,6 +207,8 @@ def _make_groups(layout: RankLayout, device: torch.device) -> dict:
         groups["pp_ends"] = _subgroups([[g[0], g[-1]] for g in layout.groups("pp")])
     elif layout.size("pp") == 2:
         groups["pp_ends"] = groups["pp"]
+    if layout.size("dp_cp") == 1:  # ParallelMesh.own_group
+        groups["own"] = _subgroups([[r] for r in range(layout.world_size)])
     for axis in RING_AXES:  # the double ring's windows and outer rings
         size = layout.size(axis)
         if size == layout.size("rp") and "rp" in groups:

@@ -15,7 +15,7 @@ saved with one resumes with another):
   memory and AdamW runs there.
 - :class:`engine.parallel.fsdp.FSDPState` (``fsdp2``): torch's ``fully_shard`` over dp×cp shards the
   parameters and gradients too. With ``offload`` all three shards live in CPU memory and AdamW runs
-  there.
+  there — also with one dp×cp rank, where ``fully_shard`` runs on a mesh of that rank alone.
 
 Memory accounting (:meth:`MeshOptimizer.memory_report`): bytes per rank of the distinct storages
 holding parameters, gradients and optimizer state, the last split by placement. "device" is the
@@ -137,10 +137,12 @@ class MeshOptimizer:
     Construction applies ``cfg.sharding``: ``zero1`` moves the parameters into flat buckets (the
     same Parameter objects), ``fsdp2`` wraps the model's layers with ``fully_shard`` (new DTensor
     Parameter objects: build the optimizer before taking references to parameters). With one
-    dp×cp rank there is nothing to shard and ``fsdp2`` uses the replicated state, or with
-    ``offload`` the one-shard ZeRO-1 state: the whole optimizer state in host memory, while the
-    parameters and gradients stay on the device (``fully_shard`` needs the dp×cp process group,
-    which a single dp×cp rank does not have).
+    dp×cp rank there is nothing to shard: ``fsdp2`` uses the replicated state, but with ``offload``
+    still FSDP2, on a DeviceMesh of that one rank (the mesh's ``own_group``, or a world of one that a
+    single process starts; engine/parallel/fsdp.py): parameters, gradients and moments whole in host
+    memory, the device holding only the window FSDP2 gathers, a layer at a time — the point of
+    offload on one GPU or a tp/pp-only mesh. ``zero1`` with ``offload`` and one dp×cp rank is the
+    one-shard ZeRO-1 state (the optimizer state on the host, parameters and gradients on the device).
     """
 
     def __init__(self, model: torch.nn.Module, cfg, mesh, total_steps: int):
@@ -152,11 +154,11 @@ class MeshOptimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         modules = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
         chunks = [[p for p in m.parameters() if p.requires_grad] for m in modules]  # per model chunk
-        if cfg.sharding == "zero1" or (cfg.offload and mesh.group("dp_cp") is None):
+        if cfg.sharding == "zero1":
             from engine.parallel.zero import ZeroState
 
             self.state = ZeroState(params, cfg, mesh, chunks)
-        elif cfg.sharding == "fsdp2" and mesh.group("dp_cp") is not None:
+        elif cfg.sharding == "fsdp2" and (cfg.offload or mesh.group("dp_cp") is not None):
             from engine.parallel.fsdp import FSDPState
 
             self.state = FSDPState(model, cfg, mesh)

@@ -10,12 +10,18 @@ parameter, gradient or optimizer-state bytes on the device, all of them on the h
 
 Numbers (one world of 4, qwen2 with biases and tied embeddings, test_tp_exact's tolerances): at
 dp=2×tp=2 (tp-replicated norms and biases summed on host shards), dp=2×pp=2 (the tied
-embedding's copies summed over the pipeline ends on host shards), dp=4, and dp=1 (no dp×cp group:
-the one-shard ZeRO-1 state, optimizer state on the host) against the single-process run; at
-dp=2×tp=2 the step-0 gradients are bit-identical to fsdp2 without offload
+embedding's copies summed over the pipeline ends on host shards), dp=4, and tp=2×pp=2 with dp=1
+(one dp×cp rank: FSDP2 on each rank's own 1-rank group, ParallelMesh.own_group) against the
+single-process run; at dp=2×tp=2 the step-0 gradients are bit-identical to fsdp2 without offload
 (the same reductions; only AdamW runs in another kernel, so the weights agree to round-off).
 Checkpoints at dp=2×tp=2: an offloaded save resumes bit for bit, fp32 and bf16, and a save with
-and without offload resume each other (the step-2 loss bit-identical: the same weights).
+and without offload resume each other (the step-2 loss bit-identical: the same weights); at
+tp=2×pp=2 with dp=1 an offloaded save resumes bit for bit.
+
+One process (no process group: the engine's single-GPU run), in a fresh interpreter: FSDP2 starts
+a world of one for its 1-rank DeviceMesh and destroys it with the optimizer; the same placement
+and exactness checks, a resume bit for bit (and from the replicated state's save), and the
+Hugging Face export of a ``meshtron-train`` run equal to the replicated run's.
 """
 from __future__ import annotations
 
@@ -31,6 +37,12 @@ from tests.test_tp_exact import MODELS, check, compare, make_cfg
 OFFLOAD = ["optim.sharding=fsdp2", "optim.offload=true"]
 FSDP2 = ["optim.sharding=fsdp2"]
 TP = ["parallel.dp=2", "parallel.tp=2"]
+ONE_DP_CP = ["parallel.dp=1", "parallel.tp=2", "parallel.pp=2"]
+
+
+def fsdp_meshes(opt) -> set:
+    """Sizes of the DeviceMeshes the FSDP modules run on."""
+    return {m._get_fsdp_state()._fsdp_param_group.mesh_info.mesh.size() for m in opt.state.modules}
 
 
 def placement(opt) -> dict:
@@ -46,7 +58,7 @@ def placement(opt) -> dict:
             "fused": opt.adam.defaults.get("fused"),
             "devices": {t.to_local().device.type for t in opt.params + moments},
             "steps": {s["step"].device.type for s in opt.adam.state.values()},
-            "memory": opt.memory_report()}
+            "mesh sizes": fsdp_meshes(opt), "memory": opt.memory_report()}
 
 
 def one_step(cfg, mesh) -> dict:
@@ -78,10 +90,10 @@ def offload_world(rank, world, root):
         for sharding in shardings:
             cfg = make_cfg(model + mesh_over + (OFFLOAD if sharding == "offload" else FSDP2), world)
             runs[" ".join(mesh_over), sharding] = run_steps(cfg, mesh_of(cfg))
-    # one dp×cp rank: no group to fully_shard over, the one-shard ZeRO-1 state offloads the optimizer
-    cfg = make_cfg(model + ["parallel.dp=1"] + OFFLOAD, 1)
-    runs["parallel.dp=1", "offload"] = run_steps(cfg, ParallelMesh.single())
-    out["dp1 state"] = runs["parallel.dp=1", "offload"]["memory"]
+    # one dp×cp rank in a world of 4: fully_shard on this rank's own group, everything on the host
+    cfg = make_cfg(model + ONE_DP_CP + OFFLOAD, world)
+    runs[" ".join(ONE_DP_CP), "offload"] = run_steps(cfg, mesh_of(cfg))
+    out["one dp×cp placement"] = one_step(cfg, mesh_of(cfg))
     out["exact"] = {key: compare(got, ref) for key, got in runs.items()}
     same = runs[" ".join(TP), "fsdp2"]["grads"], runs[" ".join(TP), "offload"]["grads"]
     out["grads bitwise"] = all(torch.equal(same[0][k], same[1][k]) for k in same[0])
@@ -108,6 +120,11 @@ def offload_world(rank, world, root):
                                            ("bf16 offload", "bf16 offload", OFFLOAD, True)):
         cfg = cfg_for("r", sharding, bf16)
         out[f"{target} <- {source}"] = _train(cfg, mesh_of(cfg), 2, STEPS, ck[source])[:2]
+    # one dp×cp rank (tp=2 x pp=2): the 1-rank FSDP2 states save and resume bit for bit
+    where = f"checkpoint.dir={os.path.join(root, 'one')}"
+    cfg = make_cfg(MODELS["llama-gqa"] + ONE_DP_CP + OFFLOAD + ["train.bf16=false", where], world)
+    out["one dp×cp"] = _train(cfg, mesh_of(cfg), 0, STEPS, save_at=2)[:2]
+    out["one dp×cp <- one dp×cp"] = _train(cfg, mesh_of(cfg), 2, STEPS, os.path.join(root, "one", "iter_0000002"))[:2]
     return out
 
 
@@ -123,12 +140,8 @@ def test_fsdp2_offload_exact_placed_and_resumed(tmp_path):
         plain, off = out["memory"]["fsdp2"], out["memory"]["offload"]
         assert off["state_device"] == 0 and off["state_host"] == plain["state_device"] > 0, (plain, off)
         assert off["params"] == plain["params"] and off["grads"] == plain["grads"], (plain, off)
-        assert out["dp1 state"]["state_device"] == 0 and out["dp1 state"]["state_host"] > 0, out["dp1 state"]
-        p = out["placement"]
-        assert p["policies"] == {"CPUOffloadPolicy"} and p["pinned"] == {False}, p
-        assert p["offload_to_cpu"] == {True} and p["fused"] is True, p
-        assert p["devices"] == p["grad_devices"] == p["steps"] == {"cpu"}, p
-        assert p["memory"]["state_device"] == 0 and p["memory"]["state_host"] > 0, p
+        check_placement(out["placement"], mesh_size=2)
+        check_placement(out["one dp×cp placement"], mesh_size=1)
         # resumes: the same sharding bit for bit; with and without offload the same step-2 loss
         for name in [n for n in out if " <- " in n]:
             (losses, weights), (target, source) = out[name], name.split(" <- ")
@@ -146,6 +159,100 @@ def test_fsdp2_offload_exact_placed_and_resumed(tmp_path):
         if rank == 0:
             print(f"bf16 offload vs fsdp2: loss {loss:.2e} weights {worst:.2e}")
         assert loss <= 1e-6 and worst <= 3e-5, (loss, worst)
+
+
+def check_placement(p: dict, mesh_size: int) -> None:
+    """FSDP2 with CPUOffloadPolicy on every module, over ``mesh_size`` ranks: parameter and gradient
+    shards, moments and step counts on the host, AdamW fused (CPU kernel)."""
+    assert p["policies"] == {"CPUOffloadPolicy"} and p["pinned"] == {False}, p
+    assert p["offload_to_cpu"] == {True} and p["fused"] is True, p
+    assert p["devices"] == p["grad_devices"] == p["steps"] == {"cpu"}, p
+    assert p["memory"]["state_device"] == 0 and p["memory"]["state_host"] > 0, p
+    assert p["mesh sizes"] == {mesh_size}, p
+
+
+def one_process(root: str) -> None:
+    """In a fresh interpreter with no process group (one GPU's run): exactness, placement, the
+    world of one's lifetime, resumes; results saved to ``root``/out.pt."""
+    import gc
+
+    import torch.distributed as dist
+
+    from engine.mesh import ParallelMesh
+
+    torch.set_num_threads(1)
+    single, out = ParallelMesh.single(), {}
+    model = MODELS["qwen2-bias-tied"] + ["parallel.dp=1"]
+    ref = run_steps(make_cfg(model, 1), single)
+    out["initialised before"] = dist.is_initialized()
+    out["exact"] = compare(run_steps(make_cfg(model + OFFLOAD, 1), single), ref)
+    out["placement"] = one_step(make_cfg(model + OFFLOAD, 1), single)
+    gc.collect()
+    out["initialised after"] = dist.is_initialized()  # the optimizers are gone: so is their world
+
+    llama = MODELS["llama-gqa"] + ["parallel.dp=1", "train.bf16=false"]
+
+    def cfg_for(name, sharding):
+        return make_cfg(llama + sharding + [f"checkpoint.dir={os.path.join(root, name)}"], 1)
+
+    for name, sharding in (("offload", OFFLOAD), ("none", [])):
+        losses, weights, opt = _train(cfg_for(name, sharding), single, 0, STEPS, save_at=2)
+        if name == "offload":
+            out["initialised while training"] = dist.is_initialized() and dist.get_world_size() == 1
+        out[name] = losses, weights
+        del opt
+    for target, source in (("offload", "offload"), ("offload", "none")):
+        ck = os.path.join(root, source, "iter_0000002")
+        out[f"{target} <- {source}"] = _train(cfg_for("r", OFFLOAD), single, 2, STEPS, ck)[:2]
+    torch.save(out, os.path.join(root, "out.pt"))
+
+
+def test_one_process_fsdp2_offload(tmp_path):
+    """One process, no process group (module docstring): FSDP2's world of one, exact, placed,
+    resumed."""
+    import torch.multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=one_process, args=(str(tmp_path),))
+    proc.start()
+    proc.join(600)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0, proc.exitcode
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    print({k: f"{v:.2e}" for k, v in out["exact"].items()})
+    check(out["exact"], "one process")
+    check_placement(out["placement"], mesh_size=1)
+    assert not out["initialised before"] and out["initialised while training"] and not out["initialised after"], out
+    losses, weights = out["offload <- offload"]
+    assert losses[2] == out["offload"][0][2] and all(torch.equal(weights[k], out["offload"][1][k]) for k in weights)
+    losses, weights = out["offload <- none"]  # AdamW's fused CPU kernel against the per-tensor loop
+    assert losses[2] == out["none"][0][2], (losses, out["none"][0])
+    assert max(max_rel_diff(weights[k], out["none"][1][k]) for k in weights) <= 3e-5
+
+
+def test_one_process_export_matches_replicated(tmp_path):
+    """``meshtron-train`` on one process with fsdp2 + offload exports the Hugging Face model of the
+    replicated run after the same 2 steps (fp32: 3e-5 of each tensor's max, as in test_tp_exact)."""
+    import glob
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [sys.executable, "-m", "engine.cli", "configs/tiny.yaml", "train.steps=2", "train.global_batch_size=2",
+              "checkpoint.save_final=false", "optim.eps=1e-4"]
+    for name, over in (("offload", OFFLOAD), ("none", [])):
+        r = subprocess.run(common + over + [f"train.output_dir={tmp_path / name}",
+                                            f"checkpoint.export_hf={tmp_path / name / 'hf'}"],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    got, ref = (load_file(glob.glob(str(tmp_path / n / "hf" / "*.safetensors"))[0]) for n in ("offload", "none"))
+    assert got.keys() == ref.keys() and len(ref) > 10
+    for k in ref:
+        assert max_rel_diff(got[k].float(), ref[k].float()) <= 3e-5, k
 
 
 def test_simulated_offload_is_host_memory():
@@ -177,3 +284,26 @@ def test_simulated_offload_is_host_memory():
         assert off["host_syncs"] <= plain["host_syncs"] + 5, (plain["host_sync_sites"], off["host_sync_sites"])
     assert reports["offload"]["host_gib"] > reports["fsdp2"]["host_gib"]
     assert reports["offload"]["nccl_violations"] == [], reports["offload"]["nccl_violations"]
+
+
+def test_simulated_one_dp_cp_rank_offload_is_host_memory():
+    """One dp×cp rank on fake GPUs — one GPU (a world of one, the simulation's fake process group)
+    and tp=2×pp=2 (each rank's own group): with offload no parameter, gradient or optimizer-state
+    bytes on the device (the replicated state of fsdp2 without offload holds them all there), the
+    fp32 parameters, gradients and moments on the host, and no NCCL breach."""
+    common = ["configs/tiny.yaml", "train.global_batch_size=1", "parallel.dp=1"]
+    for mesh in (["hardware.gpus=1"], ["hardware.gpus=4", "parallel.tp=2", "parallel.pp=2"]):
+        reports = {}
+        for name, over in (("fsdp2", FSDP2), ("offload", OFFLOAD)):
+            proc, report = simulate(*common, *mesh, *over)
+            assert report is not None and not report["errors"], proc.stdout[-3000:] + proc.stderr[-3000:]
+            reports[name] = report
+        for plain, off in zip(reports["fsdp2"]["ranks"], reports["offload"]["ranks"]):
+            print(mesh, {k: (plain["categories"][k], off["categories"][k]) for k in plain["categories"]},
+                  plain["host_bytes"], off["host_bytes"], off["host_sync_sites"])
+            assert off["categories"]["gradients"] == off["categories"]["optimizer"] == 0, off["categories"]
+            assert off["categories"]["parameters"] < plain["categories"]["parameters"] / 100, (plain, off)
+            # four fp32 copies of the parameters: parameters, gradients and the two moments (fsdp2's
+            # replicated state keeps an fp32 gradient bucket of them on the device, padded a little)
+            assert off["host_bytes"] >= 3.9 * plain["categories"]["gradients"] > 0, (plain, off)
+        assert reports["offload"]["nccl_violations"] == [], reports["offload"]["nccl_violations"]

@@ -1,7 +1,8 @@
 """The shipped configs fit the GPUs they name, by meshtron-plan and by ``meshtron-plan --simulate``
 at full scale; and meshtron-plan's per-rank peak agrees with the simulated one within 5 % (I-11)
 for every shipped config and for variants over tp, cp (each mode), pp (each schedule), recompute,
-sharding, offload and recipe.
+sharding, offload, recipe and the memory levers (unfused loss, tiled MLP, activation offload,
+fsdp2 offload, precomputed DPO reference, and all of them at once as --max-seq-len picks them).
 
 The variants run at real widths (llama3-8b's layer and vocabulary) with few layers, twice: short
 sequences, where the loss's vocabulary-sized tensors set the peak, and long ones, where the saved
@@ -130,6 +131,13 @@ VARIANTS = {
     "zero1-offload": ["optim.sharding=zero1", "optim.offload=true"],
     "fsdp2": ["optim.sharding=fsdp2"],
     "dpo": ["recipe=dpo"],
+    "loss-unfused": ["train.loss_chunk_tokens=0"],
+    "tile-mlp": ["train.tile_mlp=8"],
+    "offload-activations": ["train.recompute=full", "train.offload_activations=true", "train.offload_keep_layers=2"],
+    "fsdp2-offload": ["optim.sharding=fsdp2", "optim.offload=true"],
+    "dpo-precompute": ["recipe=dpo", "dpo.precompute_reference=true"],
+    "reach": ["parallel.tp=1", "parallel.cp=8", "parallel.sp_mode=ulysses", "train.recompute=full",
+              "train.tile_mlp=11", "train.offload_activations=true", "optim.sharding=fsdp2", "optim.offload=true"],
 }
 # llama3-8b's widths on 8 GPUs (tp2 × cp4 unless a variant says otherwise), recompute none,
 # no sharding: short sequences (the loss's [T, V/tp] tensors set the peak) and long ones (the

@@ -2,11 +2,12 @@
 
 Every transformer layer, then every model chunk (embedding, final norm, output layer), is wrapped
 with ``fully_shard`` on a 1-D DeviceMesh built from the mesh's existing dp×cp process group (no new
-group, I-1). At rest each rank holds dim-0 shards (``Shard(0)``, padded when uneven) of its tp-local
-parameters as DTensors, and gets sharded gradients; a layer's parameters are all-gathered in its
-forward and again in its backward and freed after each. meshtron's tp sharding is its own and stays
-outside FSDP: the DTensors live on the dp×cp mesh only, and the ``tp_dim`` / ``tp_parts`` /
-``shared_embedding`` marks are carried over to the new parameter objects.
+group, I-1; one dp×cp rank: see the end). At rest each rank holds dim-0 shards (``Shard(0)``, padded
+when uneven) of its tp-local parameters as DTensors, and gets sharded gradients; a layer's
+parameters are all-gathered in its forward and again in its backward and freed after each.
+meshtron's tp sharding is its own and stays outside FSDP: the DTensors live on the dp×cp mesh only,
+and the ``tp_dim`` / ``tp_parts`` / ``shared_embedding`` marks are carried over to the new
+parameter objects.
 
 What had to be set for I-5 and for gloo (torch 2.13, CPU):
 - gradients must be *summed* over dp×cp: FSDP2 averages by default (``ReduceOp.AVG``), and
@@ -38,9 +39,22 @@ norm its sum of squares, :func:`full_tensor` all-gathers whole tensors there. Wi
 per step, torch accumulates the gradient shards on the host: from the second micro-batch on each
 shard's copy is blocking (the CPU add needs it), so the host waits once per parameter per
 micro-batch — offload's price in host syncs (I-9), shown by ``meshtron-plan --simulate``.
+
+One dp×cp rank (tp or pp only, or one GPU). Without offload there is nothing to shard and
+:class:`engine.optim.MeshOptimizer` keeps the replicated state. With offload this state is still
+used — FSDP2 on a DeviceMesh of one rank, whose "shards" are the whole tensors, so the parameters,
+gradients and moments are host memory and the device holds only the gathered window (a layer at a
+time, and its chunk's root parameters) — on a group of this rank alone: in a world of several ranks
+the mesh's :meth:`engine.mesh.ParallelMesh.own_group` (made by every rank with the other groups);
+in a single process, which has no process group (engine/cli.py starts none for one rank), the
+default group of a world of one (gloo, nccl on a CUDA mesh) started here and destroyed again once
+the last state using it is freed, so that an initialised ``torch.distributed`` changes nothing else
+(engine/cli.py's end of a multi-rank run, tests that start worlds of their own). A one-rank mesh
+inside a world of several (``ParallelMesh.single()`` under torchrun) has no such group: an error.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -70,9 +84,45 @@ def full_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride()).full_tensor()
 
 
+class _WorldOfOne:
+    """Held by the states using the world of one this module started (module docstring); freeing
+    the last holder destroys it."""
+
+    live: "weakref.ref[_WorldOfOne] | None" = None
+
+
+def _destroy_world(pg) -> None:
+    if dist.is_initialized() and dist.group.WORLD is pg:  # not one started by someone else since
+        dist.destroy_process_group()
+
+
+def _one_rank_group(mesh) -> tuple[object, _WorldOfOne | None]:
+    """``(group of this rank alone, holder of the world of one or None)`` for a mesh whose dp×cp
+    axis has one rank."""
+    if mesh.own_group() is not None:
+        return mesh.own_group(), None
+    holder = _WorldOfOne.live() if _WorldOfOne.live is not None else None
+    if holder is not None:
+        return dist.group.WORLD, holder
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            raise ValueError(f"optim.sharding=fsdp2 with optim.offload=true on a one-rank mesh inside a world of "
+                             f"{dist.get_world_size()} ranks: no group of this rank alone; build the mesh with "
+                             f"ParallelMesh.build over the whole world")
+        return dist.group.WORLD, None  # a world of one someone else started (the simulation's)
+    backend = "cpu:gloo,cuda:nccl" if mesh.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    holder = _WorldOfOne()
+    _WorldOfOne.live = weakref.ref(holder)
+    weakref.finalize(holder, _destroy_world, dist.group.WORLD)
+    return dist.group.WORLD, holder
+
+
 class FSDPState:
     """AdamW on ``fully_shard``-ed parameters; the interface of the other state objects of
-    :class:`engine.optim.MeshOptimizer` (reduce, adam_step, checkpoint_pieces, full_weights, …)."""
+    :class:`engine.optim.MeshOptimizer` (reduce, adam_step, checkpoint_pieces, full_weights, …).
+    With one dp×cp rank (offload only) the DeviceMesh has one rank (module docstring): keep the
+    state alive as long as the model is used, as a single process's world of one lives as long."""
 
     sharded = True
 
@@ -90,7 +140,9 @@ class FSDPState:
         if self.mixed:  # the sharded parameters become the fp32 masters
             for p in model.parameters():
                 p.data = p.data.float()
-        group = mesh.group("dp_cp")
+        group, self._world = mesh.group("dp_cp"), None
+        if group is None:  # one dp×cp rank: FSDP2 for its offload (module docstring)
+            group, self._world = _one_rank_group(mesh)
         self.dm = DeviceMesh.from_group(group, mesh.device.type)
         self.num_shards, self.slot = dist.get_world_size(group), dist.get_rank(group)
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype if self.mixed else None,

@@ -191,9 +191,9 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
     s_p, pool = (2 if run.bf16 else 4), mesh.dp * mesh.cp
     layer = layer_params(m) / mesh.tp
     window_bwd = window_fwd = 0.0
-    sharding = run.sharding
-    if sharding == "fsdp2" and pool == 1 and run.offload:
-        sharding = "zero1"  # one dp×cp rank: engine/optim.py offloads through the ZeRO-1 state
+    sharding = run.sharding  # (fsdp2 without offload on one dp×cp rank: replicated, as "none")
+    if sharding == "fsdp2" and pool == 1 and not run.offload:
+        sharding = "none"
     if sharding == "fsdp2":
         # fp32 shards (the masters) and their gradient shards; the chunk's own parameters
         # (embedding, final norm, output layer) stay gathered from its forward to its backward;
