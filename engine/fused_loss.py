@@ -115,13 +115,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if want_x:
                 dx[s:e] = reduce_scatter_dim(g @ weight, 0, group)
             if want_w:
-                part = g.t() @ xg
-                if len(pieces) == 1:
-                    dw = part
-                elif dw is None:
-                    dw = part.float()
+                if dw is not None and dw.dtype == g.dtype:  # fp32: summed inside the product, no temporary
+                    dw.addmm_(g.t(), xg)
+                elif dw is not None:
+                    dw.add_(g.t() @ xg)
                 else:
-                    dw.add_(part)
+                    dw = g.t() @ xg if len(pieces) == 1 else (g.t() @ xg).float()
+            # this chunk's [n, V/tp] gradient goes before the next chunk's logits are made (held to
+            # the next assignment, it and the [V/tp, H] product were the step's peak: fp32 2·n·V/tp + 2·V/tp·H)
+            g = None
         if dw is not None:
             dw = dw.to(weight.dtype)
         return dx, dw, None, None, None, None, None

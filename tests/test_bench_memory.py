@@ -74,3 +74,20 @@ def test_cli_recompute_modes():
     ref = rows[("none", 1)]["loss"]
     for row in rows.values():  # every mode and mesh ran the same step
         assert abs(row["loss"] - ref) <= 1e-5 * abs(ref), (row, ref)
+
+
+def test_cli_vs_transformers_small():
+    """--vs-transformers at tiny shapes: the same weights and tokens give transformers' loss and
+    gradients, and the JSON last line carries the figures (peak memory deterministic, time not)."""
+    cmd = [sys.executable, str(TOOL), "--vs-transformers", "--seq", "256", "--vocab", "1000", "--hidden", "64",
+           "--ffn", "172", "--heads", "4", "--kv-heads", "2", "--loss-chunk", "64", "--repeats", "1"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"meshtron_peak_gib", "transformers_peak_gib", "memory_ratio", "speed_ratio",
+            "loss_rel_diff"} <= report.keys(), report
+    assert report["loss_rel_diff"] <= 1e-5 and report["grad_rel_diff"] <= 1e-5, report
+    assert 0 < report["meshtron_peak_gib"] < report["transformers_peak_gib"], report  # chunks of 64 of 256 logits
+    ratio = report["meshtron_peak_gib"] / report["transformers_peak_gib"]  # the GiB figures are rounded
+    assert abs(report["memory_ratio"] - ratio) <= 0.05 * ratio, report
+    assert report["speed_ratio"] == report["meshtron_tokens_per_s"] / report["transformers_tokens_per_s"] > 0

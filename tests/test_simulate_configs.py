@@ -70,8 +70,9 @@ def _check_report(name: str, report: dict) -> list[str]:
     """What is wrong with a simulation report: errors, breaches, syncs, the planner's distance."""
     bad = [f"{name}: {e}" for e in report["errors"]]
     bad += [f"{name}: NCCL breach {v}" for v in report["nccl_violations"]]
-    if report["host_syncs_per_step"] > simulate.MAX_HOST_SYNCS:
-        bad.append(f"{name}: {report['host_syncs_per_step']} host syncs per step")
+    bad += [f"{name} rank {r['rank']}: {r['host_syncs']} host syncs per step (allowed {r['host_sync_allowance']}): "
+            f"{r['host_sync_sites']}" for r in report["ranks"]
+            if "error" not in r and r["host_syncs"] > r["host_sync_allowance"]]
     for r in report["ranks"]:
         if "error" in r:
             continue

@@ -84,13 +84,22 @@ def run_steps(cfg, mesh, plan_fn=None):
         opt.update()
         out["loss"].append(loss)
         out["norm"].append(float(norm))
-    out["weights"] = canonical_tensors(model, {n: p.detach() for n, p in model.named_parameters()})
+    out["weights"] = canonical_tensors(model, {n: whole(p, mesh) for n, p in model.named_parameters()})
     if flex is not None:
         out["plans"] = flex.plans
     if mesh.pp > 1:  # every pipeline stage's tensors, on every rank
         for key in ("grads", "weights"):
             out[key] = merge_stages(out[key], mesh)
     return out
+
+
+def whole(p, mesh):
+    """A parameter's whole tensor on this rank (FSDP2 shards it as a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    from engine.parallel.fsdp import full_tensor
+
+    return full_tensor(p.detach(), mesh.device) if isinstance(p, DTensor) else p.detach()
 
 
 def merge_stages(tensors: dict, mesh) -> dict:

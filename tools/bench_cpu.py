@@ -20,8 +20,12 @@ After --warmup untimed steps each, the timed steps alternate (meshtron, transfor
 …) so a busy machine slows both alike. Per step the wall time and this process's CPU time are
 recorded; tokens/s = --seq / the median wall time (the CPU-time figures are less sensitive to
 other processes on a shared machine). The step-0 losses of both must agree (same math).
+meshtron's CPU attention kernel (fused or blocked, per direction) is chosen by measurement the
+first time a shape is met (engine/kernels/reference.py; in the warm-up step by default) and cached
+on disk; the benchmark prints the choice, where it came from (measured, cache or pinned by
+``MESHTRON_CPU_ATTN``) and the measured seconds per kernel.
 The last line is JSON: ``tokens_per_s`` (meshtron's, wall), ``hf_tokens_per_s``, ``ratio`` and
-the CPU-time equivalents, the losses and the configuration.
+the CPU-time equivalents, the losses, ``attention_kernels`` and the configuration.
 """
 from __future__ import annotations
 
@@ -156,6 +160,21 @@ def timed(step) -> tuple[float, float, float]:
     return loss, time.perf_counter() - w0, time.process_time() - c0
 
 
+def attention_kernels() -> dict:
+    """meshtron's CPU attention kernel per shape bucket this process used (see the docstring)."""
+    from engine.kernels.reference import TUNER
+
+    return TUNER.decisions()
+
+
+def describe_kernels(kernels: dict) -> list[str]:
+    lines = []
+    for bucket, d in kernels.items():
+        timed = ", ".join(f"{name} {s:.4f} s" for name, s in (d["seconds"] or {}).items())
+        lines.append(f"  {bucket}: {d['choice']} ({d['source']}{'; ' + timed if timed else ''})")
+    return lines or ["  none (no CPU attention ran)"]
+
+
 def profile_step(step, top: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -202,7 +221,10 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"{name:<13} {r['tokens_per_s']:>10.1f} {r['median_step_s']:>8.3f} {r['cpu_tokens_per_s']:>10.1f} "
               f"{r['median_cpu_s']:>8.3f} {r['loss0']:>12.6f}")
-    report = {"tokens_per_s": rows["meshtron"]["tokens_per_s"],
+    kernels = attention_kernels()
+    print("meshtron's attention kernels (bucket: choice (source; measured seconds per kernel, one KV group)):")
+    print("\n".join(describe_kernels(kernels)))
+    report = {"tokens_per_s": rows["meshtron"]["tokens_per_s"], "attention_kernels": kernels,
               "cpu_tokens_per_s": rows["meshtron"]["cpu_tokens_per_s"], "meshtron": rows["meshtron"],
               "config": {k: v for k, v in vars(args).items() if k not in ("profile", "no_hf")}}
     status = 0

@@ -19,6 +19,26 @@ tables, and whatever a layer saves at the full sequence length (``--top`` lists 
 
 ``--check`` exits 1 when, for any mode, the tp=1, cp=4 figure is more than ``--tol`` (10 %) above
 1/4 of cp=1's.
+
+    python tools/bench_memory.py --vs-transformers [--seq 8192] [--tile-mlp 4] [--loss-chunk 1024]
+                                 [--repeats 2] [--threads 1] [--profile N]
+
+``--vs-transformers``: one training step (forward + backward, no optimizer) of one Llama — by default
+2 layers, hidden 512, 8 heads / 2 KV heads (head dim 64), ffn 1376 (Llama 2 7B's ratio 2.6875), vocab
+128,256, fp32 — on ONE document of ``--seq`` tokens, in meshtron (single process: the fused chunked
+loss, ``recompute: full``, the tiled MLP) and in transformers' ``LlamaForCausalLM`` (sdpa attention,
+gradient checkpointing, train mode), with the same weights (mapped by convert/hf_map.py) and tokens.
+transformers shifts the labels itself and averages over the seq − 1 predicted tokens; meshtron's
+loss is its token-loss sum over the same count. The first step of each runs under
+``torch.distributed._tools.mem_tracker.MemTracker`` (real tensors; parameters, gradients,
+activations and temporaries alike; the peak checked after every op); tokens/s comes from the
+fastest of ``--repeats`` steps' wall time, the two models interleaved so background load hits both
+(``speed_ratio_cpu_time`` is the same ratio from the process's CPU time, which a shared machine
+distorts less). Prints each one's peak (by category), tokens/s and loss, the loss and
+worst-gradient agreement, with ``--profile`` the costliest ops of one more step of each, and last
+the JSON
+``{"meshtron_peak_gib", "transformers_peak_gib", "memory_ratio" (meshtron / transformers peak),
+"speed_ratio" (meshtron / transformers tokens/s), "loss_rel_diff", "grad_rel_diff", …}``.
 """
 from __future__ import annotations
 
@@ -30,6 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -160,9 +181,172 @@ def run_mesh(cfg, top: int, timeout: float) -> list[dict]:
         return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
 
 
+# -- --vs-transformers: one training step against transformers' LlamaForCausalLM ----------------
+# model shape flags: (default, default with --vs-transformers). The latter is the issue's Llama:
+# head_dim 64, GQA 8/2, Llama 3's vocabulary, ffn/hidden = 2.6875 (Llama 2 7B's 11008/4096).
+SHAPES = {"layers": (2, 2), "hidden": (256, 512), "heads": (8, 8), "kv_heads": (4, 2), "ffn": (512, 1376),
+          "vocab": (1024, 128256)}
+GIB = 2**30
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" after the shape flags
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_pair(args):
+    """transformers' LlamaForCausalLM (sdpa attention, gradient checkpointing) with random weights, and
+    meshtron's single-process GPTModel with the same weights (convert/hf_map.py) and the long-sequence
+    settings: the fused chunked loss, ``recompute: full``, the tiled MLP."""
+    import transformers
+
+    from convert.hf_map import hf_to_canonical, model_config_from_hf
+    from engine.config import ModelConfig
+    from engine.mesh import ParallelMesh
+    from engine.model.gpt import GPTModel
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+    with warnings.catch_warnings():  # transformers 5 renames it activation_checkpointing_enable
+        warnings.simplefilter("ignore", FutureWarning)
+        hf.gradient_checkpointing_enable()
+    hf.train()
+    model_dict = model_config_from_hf(hf_cfg)
+    ours = GPTModel(ModelConfig(**model_dict), ParallelMesh.single(), dtype=dtype, recompute="full",
+                    tile_mlp=args.tile_mlp, loss_chunk_tokens=args.loss_chunk)
+    ours.load_canonical(hf_to_canonical(hf.state_dict(), model_dict, ours.padded_vocab))
+    return hf, ours, model_dict
+
+
+def _step(model, run) -> tuple[float, tuple[float, float]]:
+    """(loss, (wall seconds, CPU seconds of this process)) of one forward + backward from no gradients.
+    The CPU time is what a machine shared with other jobs distorts least (time-sharing stretches
+    the wall time, not the CPU time); with one thread and an idle machine the two agree."""
+    for p in model.parameters():
+        p.grad = None
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = run()
+    loss.backward()
+    return loss.item(), (time.perf_counter() - t0, time.process_time() - c0)
+
+
+def _tracked_step(model, run) -> tuple[float, float, dict]:
+    """``_step`` under MemTracker: every tensor of the step (the model's parameters and buffers given
+    as external, gradients, activations, temporaries) counted at its creation; the peak is checked
+    after every op. Returns the peak snapshot by category too."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker, warnings.catch_warnings():
+        # ModTracker's per-module bookkeeping loses its way when checkpointed layers rerun in
+        # backward; the peak is the total over every live tensor, which that does not affect
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking")
+        loss, secs = _step(model, run)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    return loss, secs, {getattr(k, "value", k): v for k, v in peak.items() if v}  # "Parameter", …, "Total"
+
+
+def _profile(run_step, top: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+
+
+def vs_transformers(args) -> int:
+    """One step of each with the same weights and tokens: peak memory, tokens/s, loss agreement."""
+    from tqdm import tqdm
+
+    from convert.hf_map import hf_to_canonical
+    from engine.data.packing import document_arrays, pack
+    from engine.loss import token_loss_sum
+    from engine.model.gpt import canonical_tensors
+    from engine.spawn import max_rel_diff
+
+    torch.set_num_threads(args.threads)
+    phases = ["build"] + [f"{name} step {r + 1}/{args.repeats}" for r in range(args.repeats)
+                          for name in ("meshtron", "transformers")]
+    bar = tqdm(phases, desc="vs transformers", unit="phase", file=sys.stderr)
+    bar.set_postfix_str("building both models")
+    hf, ours, model_dict = build_pair(args)
+    tokens = torch.randint(0, args.vocab, (args.seq,), generator=torch.Generator().manual_seed(1))
+    batch = pack([document_arrays(tokens.tolist())[:2]])  # one document; labels shifted before (I-2)
+    assert batch.num_valid == args.seq - 1
+
+    def run_ours():
+        return token_loss_sum(ours, batch) / batch.num_valid
+
+    def run_hf():  # transformers shifts the labels itself and averages over the seq - 1 predictions
+        return hf(input_ids=tokens[None], labels=tokens[None]).loss
+
+    runs = {"meshtron": (ours, run_ours), "transformers": (hf, run_hf)}
+    res = {name: {"seconds": [], "cpu_seconds": []} for name in runs}
+    bar.update()
+    for phase in phases[1:]:
+        bar.set_postfix_str(phase)
+        name = phase.split()[0]
+        model, run = runs[name]
+        if "peak" not in res[name]:
+            res[name]["loss"], secs, res[name]["peak"] = _tracked_step(model, run)
+            if name == "meshtron":  # canonical gradients, to compare once transformers' are there
+                grads = {n: p.grad for n, p in ours.named_parameters()}
+                res[name]["grads"] = canonical_tensors(ours, grads)
+            else:
+                hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+                res[name]["grads"] = hf_to_canonical(hf_grads, model_dict, ours.padded_vocab)
+        else:
+            secs = _step(model, run)[1]
+        res[name]["seconds"].append(secs[0])
+        res[name]["cpu_seconds"].append(secs[1])
+        bar.update()
+    bar.close()
+
+    ref_grads = res["transformers"].pop("grads")
+    grad_diff = max(max_rel_diff(g, ref_grads[n]) for n, g in res["meshtron"].pop("grads").items())
+    loss_diff = abs(res["meshtron"]["loss"] - res["transformers"]["loss"]) / abs(res["transformers"]["loss"])
+    for r in res.values():
+        r["peak_gib"] = r["peak"]["Total"] / GIB
+        r["tokens_per_s"] = args.seq / min(r["seconds"])
+        r["cpu_tokens_per_s"] = args.seq / min(r["cpu_seconds"])
+    m, t = res["meshtron"], res["transformers"]
+    print(f"one training step (forward + backward, no optimizer), one document of {args.seq} tokens, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.threads} thread(s): Llama {args.layers} layers, hidden "
+          f"{args.hidden}, heads {args.heads}/{args.kv_heads}, ffn {args.ffn}, vocab {args.vocab}")
+    print(f"meshtron: recompute=full, tile_mlp={args.tile_mlp}, loss_chunk_tokens={args.loss_chunk}; "
+          f"transformers {__import__('transformers').__version__}: LlamaForCausalLM, sdpa, gradient checkpointing")
+    print(f"{'':<13} {'peak GiB':>9} {'tokens/s':>9} {'best s':>8} {'CPU s':>8}  {'loss':>12}  "
+          f"peak by category (GiB)")
+    for name, r in res.items():
+        parts = ", ".join(f"{k} {v / GIB:.3f}" for k, v in r["peak"].items() if k != "Total")
+        print(f"{name:<13} {r['peak_gib']:>9.3f} {r['tokens_per_s']:>9.1f} {min(r['seconds']):>8.2f} "
+              f"{min(r['cpu_seconds']):>8.2f}  "
+              f"{r['loss']:>12.8f}  {parts}")
+    print(f"loss relative difference {loss_diff:.2e}; gradients: max |meshtron - transformers| / max |transformers| "
+          f"of the worst tensor {grad_diff:.2e}")
+    if args.profile:
+        for name, (model, run) in runs.items():
+            print(f"\n{name}: the {args.profile} costliest ops of one more step (self CPU time)")
+            print(_profile(lambda: _step(model, run), args.profile))
+    print(json.dumps({"meshtron_peak_gib": round(m["peak_gib"], 4), "transformers_peak_gib": round(t["peak_gib"], 4),
+                      "memory_ratio": m["peak_gib"] / t["peak_gib"],
+                      "speed_ratio": m["tokens_per_s"] / t["tokens_per_s"], "loss_rel_diff": loss_diff,
+                      "grad_rel_diff": grad_diff, "meshtron_tokens_per_s": m["tokens_per_s"],
+                      "transformers_tokens_per_s": t["tokens_per_s"],
+                      "speed_ratio_cpu_time": m["cpu_tokens_per_s"] / t["cpu_tokens_per_s"],
+                      "seconds": {n: r["seconds"] for n, r in res.items()}}))
+    return 0
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_Help)
     ap.add_argument("--seq", type=int, default=8192, help="tokens of the one packed sequence (global)")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel degrees")
     ap.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4], help="context-parallel degrees")
@@ -172,12 +356,9 @@ def parse_args(argv):
     ap.add_argument("--recompute", nargs="+", default=["none"], choices=MODES + ("all",),
                     help="train.recompute modes to measure ('all': every mode)")
     ap.add_argument("--max-world", type=int, default=8, help="skip meshes with tp·cp above this")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=1024)
+    for name, (default, vs_hf) in SHAPES.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                        help=f"model shape (default: {default}; {vs_hf} with --vs-transformers)")
     ap.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
     ap.add_argument("--top", type=int, default=0, metavar="N",
                     help="also list the N largest saved-tensor sites of each mesh's largest rank")
@@ -185,7 +366,21 @@ def parse_args(argv):
                     help="exit 1 if, for any mode, tp=1 cp=4 saves more than (1 + tol)/4 of tp=1 cp=1")
     ap.add_argument("--tol", type=float, default=0.10, help="tolerance of --check")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per mesh")
+    vs = ap.add_argument_group("--vs-transformers", "one training step of meshtron against transformers' "
+                               "LlamaForCausalLM (--seq, the model shape and --bf16 apply; the mesh flags do not)")
+    vs.add_argument("--vs-transformers", action="store_true",
+                    help="compare peak memory and tokens/s of one step with transformers (see the module doc)")
+    vs.add_argument("--tile-mlp", type=int, default=4, help="meshtron's train.tile_mlp")
+    vs.add_argument("--loss-chunk", type=int, default=1024, help="meshtron's train.loss_chunk_tokens")
+    vs.add_argument("--repeats", type=int, default=2,
+                    help="steps per model, interleaved; the first under MemTracker, tokens/s from the fastest")
+    vs.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    vs.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one more step of each (torch.profiler) and list its N costliest ops")
     args = ap.parse_args(argv)
+    for name, defaults in SHAPES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.vs_transformers])
     args.recompute = list(MODES) if "all" in args.recompute else list(dict.fromkeys(args.recompute))
     return args
 
@@ -196,6 +391,8 @@ def main(argv=None) -> int:
     from engine.config import ConfigError
 
     args = parse_args(argv)
+    if args.vs_transformers:
+        return vs_transformers(args)
     if args.check and not (1 in args.tp and {1, 4} <= set(args.cp)):
         print("--check needs tp 1 and cp 1 and 4 among the meshes (--tp 1 ... --cp 1 4 ...)", file=sys.stderr)
         return 2

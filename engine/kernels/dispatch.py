@@ -2,11 +2,13 @@
 
 ``forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale) -> (out, lse)`` and
 ``backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale)
--> (dq, dk, dv)`` have the signatures of :mod:`engine.kernels.attention` and pick a kernel per call:
+-> (dq, dk, dv)`` have the signatures of :mod:`engine.kernels.reference` and pick a kernel per call:
 
 - ``flash_attn``: the flash-attn package (2.6-2.8), imported lazily on first use;
 - ``torch_flash``: torch's own varlen flash kernel, ``aten._flash_attention_forward/backward``;
-- ``reference``: the pure-torch reference (CPU, fp32, anything else); exact in fp32.
+- ``reference``: the pure-torch reference (CPU, fp32, anything else); exact in fp32. On CPU it
+  picks between its own two kernels by measurement, cached on disk (engine/kernels/reference.py);
+  the choice among these three stays the rule below: nothing is measured on CUDA.
 
 Both flash kernels need CUDA (not ROCm), fp16/bf16, sm80+, and a head dim that is a multiple of 8
 and at most 256; they accumulate in fp32, so they match the reference to bf16 round-off, not
@@ -39,7 +41,7 @@ import os
 
 import torch
 
-from engine.kernels.attention import attention_backward, attention_forward
+from engine.kernels.reference import attention_backward, attention_forward
 
 ENV_VAR = "MESHTRON_ATTN_BACKEND"
 BACKENDS = ("flash_attn", "torch_flash", "reference")

@@ -95,6 +95,12 @@ def rematerialised_per_token(m, tp: int, hp: int, s: int, recompute: str, tiles:
     return mlp_tile_per_token(m, tp, s, tiles)
 
 
+def tile_grad_bytes(m, tp: int, s: int, tiles: int) -> float:
+    """The tiled MLP's backward on top of the layer's: its weight gradients summed over tiles in
+    fp32 beside one tile's gradients in the model dtype (engine/model/tiled.py)."""
+    return (4 + s) * 3 * m.ffn_hidden_size * m.hidden_size / tp if tiles > 1 else 0.0
+
+
 def backward_working_per_token(m, tp: int, s: int, tiles: int = 1) -> float:
     """Alive inside one layer's backward (estimate): the gradients of fc1's output (2f) and of the
     silu product (f) — one tile's when tiled — and, at the QKV projection, its input gathered
@@ -141,16 +147,19 @@ def loss_transient_bytes(m, tp: int, s: int, tokens: float, loss_chunk: int = 0)
 
 def loss_backward_bytes(m, tp: int, s: int, tokens: float, loss_chunk: int = 0) -> float:
     """Bytes live in the loss's backward on top of the saved activations: unfused, the logits'
-    gradient cast to the model dtype beside the fp32 softmax it came from; fused, one chunk's
-    recomputed fp32 softmax and its model-dtype copy, the gathered hidden chunk and ``dW`` (fp32
-    sum over chunks beside the chunk's product; one product when there is one chunk)."""
+    gradient cast to the model dtype beside the fp32 softmax it came from; fused, the gathered
+    hidden chunk and the fp32 ``dW`` sum (several chunks) with the larger of one chunk's recomputed
+    fp32 softmax beside its model-dtype copy, and that copy beside its ``[V/tp, H]`` product
+    (none in fp32: summed in place by ``addmm_``; one product, no sum, when there is one chunk)."""
     vp, h = m.padded_vocab(tp) / tp, m.hidden_size
     if loss_chunk <= 0:
         return vp * s * tokens if s != 4 else 0.0
     c = min(loss_chunk, tokens)
-    chunks = max(1, -(-int(tokens) // loss_chunk))
-    dw = vp * h * (s if chunks == 1 else 4 + s)
-    return c * vp * (4 + (s if s != 4 else 0)) + 2 * c * h * s + dw
+    several = tokens > loss_chunk
+    dw_sum = 4 * vp * h if several else 0.0
+    product = 0.0 if several and s == 4 else s * vp * h
+    softmax = c * vp * (4 + (s if s != 4 else 0))
+    return c * h * s + dw_sum + max(softmax, c * vp * s + product)
 
 
 def cp_buffers_per_token(m, tp: int, hp: int, rp: int, s: int) -> float:

@@ -202,6 +202,9 @@ def _states(m: ModelSpec, mesh: Mesh, run: Run, num_layers: int, first: bool, la
         root = p - num_layers * layer
         params, grads, optim = 4 * p / pool + s_p * root, 4 * p / pool, 8 * p / pool
         window_fwd, window_bwd = 2 * layer * s_p, 2 * layer * s_p + 4 * layer
+        if last:  # the output layer's unsharded gradient, made by the loss's backward, waits for
+            # the chunk's reduce-scatter at the end of its backward (the embedding's comes last)
+            window_bwd += s_p * m.padded_vocab(mesh.tp) / mesh.tp * m.hidden_size
     elif sharding == "zero1":  # fp32 main_grad buckets; fp32 masters (bf16 only) and moments of 1/pool
         params, grads, optim = s_p * p, 4 * p, (12 if run.bf16 else 8) * p / pool
     else:  # fp32 main_grad buckets (reduced in place), fp32 masters (bf16 only) and moments
@@ -262,7 +265,7 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
         len(c_) > run.offload_keep_layers for c_ in chunks) else 0)
     loss_saved = loss_tok * unit  # the softmax (fused: the lse) of the unit whose backward starts
     layer_bwd = (act.rematerialised_per_token(m, tp, hp, s, run.recompute, tiles)
-                 + act.backward_working_per_token(m, tp, s, tiles)) * unit + staged
+                 + act.backward_working_per_token(m, tp, s, tiles)) * unit + staged + act.tile_grad_bytes(m, tp, s, tiles)
     cp_buf = act.cp_buffers_per_token(m, tp, hp, mesh.rp, s) * unit
     loss = act.loss_transient_bytes(m, tp, s, unit, chunk) if last else 0.0
     states = {k_: st[k_] for k_ in ("params", "grads", "optimizer")}

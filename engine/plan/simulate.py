@@ -39,6 +39,23 @@ from engine.plan.devices import ALLOCATOR_FRAGMENTATION, GIB, usable_bytes
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
 MAX_HOST_SYNCS = 4
+OFFLOAD_HOST_SYNCS = 4
+"""More a step may take when the optimizer runs on the host (``optim.offload``): the host waits
+for the clipped gradients it updates from (the clip coefficient's copy, the gradient copies'
+events)."""
+
+
+def max_host_syncs(cfg, params: int = 0, micro_batches: int = 1) -> int:
+    """The host syncs a step of ``cfg`` may take (I-9): :data:`MAX_HOST_SYNCS`, plus
+    :data:`OFFLOAD_HOST_SYNCS` with ``optim.offload``, plus, with fsdp2 offload, one per sharded
+    parameter for each micro-batch after the first: torch's ``CPUOffloadPolicy`` adds each
+    micro-batch's gradient into the host's with a blocking copy (the CPU add needs its result).
+    ``params``: the rank's parameters; ``micro_batches``: its micro-batches per step. meshtron-plan
+    --max-seq-len emits one micro-batch per step, where none of those waits happen."""
+    extra = OFFLOAD_HOST_SYNCS if cfg.optim.offload else 0
+    if cfg.optim.offload and cfg.optim.sharding == "fsdp2":
+        extra += params * max(micro_batches - 1, 0)
+    return MAX_HOST_SYNCS + extra
 
 
 # -- the configured world ----------------------------------------------------------------------
@@ -176,6 +193,8 @@ def _run_rank(cfg, rank: int, device, start: float) -> dict:
             "stage": mesh.index("pp"), "peak_bytes": device_peak["total"], "categories": device_peak,
             "peak_site": getattr(tracker, "peak_site", ""),
             "host_bytes": host_peak, "save_peak_bytes": save_peak, "host_syncs": watch.num_syncs,
+            "host_sync_allowance": max_host_syncs(cfg, sum(1 for w in model.parameters() if w.requires_grad),
+                                                  len(host[0])),
             "host_sync_sites": [f"{where} {kind} x{n}" for (where, kind), n in sorted(watch.syncs.items())],
             "unknown_host_values": [f"{where} x{n}" for where, n in watch.unknown_host_values.items()],
             "nccl_violations": [f"{where}: {what}" for where, what in watch.violations.items()],
@@ -396,6 +415,7 @@ def simulate(cfg, ranks: list[int] | None = None, gpu_memory: float | None = Non
             "planner_gib": worst["planner_bytes"] / GIB if worst else math.nan,
             "host_gib": max((r["host_bytes"] for r in ok), default=0.0) / GIB,
             "host_syncs_per_step": max((r["host_syncs"] for r in ok), default=0),
+            "host_sync_allowance": min((r["host_sync_allowance"] for r in ok), default=MAX_HOST_SYNCS),
             "nccl_violations": sorted({v for r in ok for v in r["nccl_violations"]}),
             "fits": bool(ok) and len(ok) == len(results) and peak <= usable,
             "errors": [f"rank {r['rank']}: {r['error']}" for r in results if "error" in r],
@@ -421,7 +441,8 @@ def format_report(report: dict, config: str) -> str:
             lines.append(f"  peak reached at {r['peak_site']}")
         lines.append(f"  {'host':<12} {r['host_bytes'] / GIB:9.2f} GiB   checkpoint save adds "
                      f"{r['save_peak_bytes'] / GIB:.2f} GiB on the device")
-        lines.append(f"  host syncs per step: {r['host_syncs']}" + "".join(f"\n    {s}" for s in r["host_sync_sites"]))
+        lines.append(f"  host syncs per step: {r['host_syncs']} (allowed {r['host_sync_allowance']})"
+                     + "".join(f"\n    {s}" for s in r["host_sync_sites"]))
         lines.append("  NCCL violations: " + ("none" if not r["nccl_violations"] else
                                              "".join(f"\n    {v}" for v in r["nccl_violations"])))
     verdict = "fits" if report["fits"] else "does NOT fit"
@@ -433,6 +454,7 @@ def json_line(report: dict, config: str) -> str:
     ranks = [{k: v for k, v in r.items() if k not in ("traceback",)} for r in report["ranks"]]
     out = {"config": config, "ranks": ranks, "peak_gib": report["peak_gib"], "planner_gib": report["planner_gib"],
            "host_gib": report["host_gib"], "host_syncs_per_step": report["host_syncs_per_step"],
+           "host_sync_allowance": report["host_sync_allowance"],
            "nccl_violations": report["nccl_violations"], "fits": report["fits"], "errors": report["errors"],
            "seconds": report["seconds"]}
     return json.dumps(out)
