@@ -33,7 +33,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "megatron-core==0.16.1"],
-        "gpu": ["flash-attn>=2.6", "transformer-engine>=1.12", "cut-cross-entropy>=25.1"],
+        "gpu": ["flash-attn>=2.6", "cut-cross-entropy>=25.1"],
+        "tensorboard": ["tensorboard>=2.14"],  # train.tensorboard (torch.utils.tensorboard)
+        "wandb": ["wandb>=0.17"],  # train.wandb_project
     },
     entry_points={"console_scripts": ["meshtron-train=engine.cli:main", "meshtron-convert=convert.cli:main",
                                     "meshtron-plan=engine.plan.cli:main"]},

@@ -1,9 +1,9 @@
 """``meshtron-convert``: HF ↔ Megatron checkpoints, resharding, and a logits check.
 
   meshtron-convert hf-to-megatron --hf DIR --out DIR [--format torch_dist|torch] [--tp N --pp M --vpp V]
-                                  [--dtype bf16|fp16|fp32]
+                                  [--layers-per-stage 3,1] [--dtype bf16|fp16|fp32]
   meshtron-convert megatron-to-hf --megatron DIR --out DIR [--dtype ...]
-  meshtron-convert reshard --in DIR --out DIR --tp N --pp M [--vpp V]      (legacy torch format)
+  meshtron-convert reshard --in DIR --out DIR --tp N --pp M [--vpp V] [--layers-per-stage ...]   (legacy torch format)
   meshtron-convert verify --hf DIR --megatron DIR [--tp N --cp N] [--save-logits FILE]
 
 Everything goes through the canonical (unsharded, Megatron-named) state dict (DESIGN §5). Beside
@@ -23,6 +23,8 @@ from convert.megatron_io import open_megatron, resolve
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_META = "hf"
+LPS_HELP = ("decoder layers of each pipeline stage, pp*vpp numbers in model order adding up to num_layers, "
+            "e.g. 3,1 for an uneven pp=2 split (default: even, or Megatron's first/last-stage split)")
 
 
 def _progress(total: int, desc: str):
@@ -42,6 +44,11 @@ def hf_to_megatron(args) -> None:
     src = HFCheckpoint(args.hf)
     model = {**_model_defaults(), **model_config_from_hf(src.config)}
     _check_tp(model, args.tp)
+    if args.layers_per_stage is not None and args.format != "torch":
+        raise ValueError("--layers-per-stage needs --format torch: a torch_dist checkpoint has no pipeline "
+                         "layout (it loads at any pp; set parallel.layers_per_stage when training instead)")
+    if args.format == "torch":
+        _check_layers_per_stage(args.layers_per_stage, model, args.pp, args.vpp)
     padded = padded_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], args.tp)
     names = canonical_names(model)
     retain = ("embedding.word_embeddings.weight",) if model["tie_word_embeddings"] else ()
@@ -56,7 +63,7 @@ def hf_to_megatron(args) -> None:
         else:
             from convert.megatron_legacy import save_legacy
             save_legacy(get, names, model, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                        iteration=0, progress=bar.update)
+                        layers_per_stage=args.layers_per_stage, iteration=0, progress=bar.update)
     meta = os.path.join(args.out, HF_META)
     os.makedirs(meta, exist_ok=True)
     for fname in ("config.json", "generation_config.json") + TOKENIZER_FILES:
@@ -112,6 +119,7 @@ def reshard(args) -> None:
     src = LegacySource(args.inp)  # files mapped; one canonical tensor assembled at a time
     model, meta = src.model, src.meta
     _check_tp(model, args.tp)
+    _check_layers_per_stage(args.layers_per_stage, model, args.pp, args.vpp)
     padded = padded_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], args.tp)
 
     def get(name: str) -> torch.Tensor:  # vocabulary rows re-padded for the new tp
@@ -119,7 +127,8 @@ def reshard(args) -> None:
         return pad_vocab(unpad_vocab(t, model["vocab_size"]), padded) if name in VOCAB_KEYS else t
 
     save_legacy(get, canonical_names(model), model, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                iteration=meta.get("iteration") or 0, extra=meta.get("extra"))
+                layers_per_stage=args.layers_per_stage, iteration=meta.get("iteration") or 0,
+                extra=meta.get("extra"))
     if os.path.isdir(os.path.join(args.inp, HF_META)):
         shutil.copytree(os.path.join(args.inp, HF_META), os.path.join(args.out, HF_META))
     print(f"resharded {args.inp} (tp={meta['tp']}, pp={meta['pp']}) to {args.out} (tp={args.tp}, pp={args.pp})")
@@ -130,6 +139,33 @@ def _check_tp(model: dict, tp: int) -> None:
         if model[key] % tp:
             raise ValueError(f"--tp {tp} does not divide {key}={model[key]} of the model; use a tp that "
                              f"divides num_attention_heads, num_query_groups and ffn_hidden_size")
+
+
+def _layers_list(text: str) -> list[int]:
+    """``--layers-per-stage 3,1`` -> [3, 1] (the checks against the model are in
+    :func:`_check_layers_per_stage`)."""
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts, e.g. 3,1") from None
+
+
+def _check_layers_per_stage(lps: list[int] | None, model: dict, pp: int, vpp: int) -> None:
+    """The explicit split (model order: virtual stage v = chunk·pp + pp rank) fits the model and
+    the pipeline; None keeps the default split (engine.model.sharding.stage_layers) where one exists."""
+    from engine.model.sharding import stage_layers
+
+    if lps is None:
+        try:
+            stage_layers(model["num_layers"], pp, vpp)
+        except ValueError as e:  # name the option that gives them
+            raise ValueError(f"{e} with --layers-per-stage N,N,... ({pp * vpp} numbers)") from None
+        return
+    stages, num_layers = pp * vpp, model["num_layers"]
+    if len(lps) != stages or min(lps) < 1 or sum(lps) != num_layers:
+        raise ValueError(f"--layers-per-stage {','.join(map(str, lps))} must list pp*vpp = {pp}*{vpp} = {stages} "
+                         f"positive layer counts adding up to num_layers={num_layers} (got {len(lps)} "
+                         f"adding up to {sum(lps)})")
 
 
 def _model_defaults() -> dict:
@@ -150,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=1)
+    p.add_argument("--layers-per-stage", type=_layers_list, default=None, metavar="N,N,...",
+                   help=LPS_HELP + " (--format torch only)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     p.set_defaults(fn=hf_to_megatron)
     p = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (either format) -> HF model directory")
@@ -163,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, required=True)
     p.add_argument("--pp", type=int, required=True)
     p.add_argument("--vpp", type=int, default=1)
+    p.add_argument("--layers-per-stage", type=_layers_list, default=None, metavar="N,N,...", help=LPS_HELP)
     p.set_defaults(fn=reshard)
     p = sub.add_parser("verify", help="compare meshtron's logits with transformers'")
     p.add_argument("--hf", required=True)

@@ -6,6 +6,10 @@ After that, a rank that fails prints its traceback, tells the others through the
 and exits non-zero at once without waiting on collectives; the others leave within
 ``dist.abort_poll_s`` (engine.watchdog), with or without torchrun; ``dist.timeout_s`` bounds the
 wait for a peer that vanished without a word.
+
+Launchers: torchrun (or tools/launch.sh) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT. Under a plain ``srun meshtron-train CONFIG`` (one task per GPU, no torchrun) they are
+derived from SLURM's variables instead (:func:`slurm_env`).
 """
 from __future__ import annotations
 
@@ -18,8 +22,12 @@ USAGE = """usage: meshtron-train CONFIG.yaml [section.key=value ...]
 
 Train with the given YAML config; overrides use dotted keys, e.g.
   meshtron-train configs/tiny.yaml parallel.tp=2 train.steps=3
-Run it under torchrun (or tools/launch.sh) for several processes; the product
-dp·pp·tp·cp must equal the number of processes (parallel.dp=-1 takes the rest)."""
+Run it under torchrun (or tools/launch.sh) for several processes, or as one srun
+task per GPU (rank and rendezvous from SLURM's variables; MASTER_PORT, default
+29500, must be free on the first node); the product dp·pp·tp·cp must equal the
+number of processes (parallel.dp=-1 takes the rest)."""
+
+DEFAULT_MASTER_PORT = "29500"
 
 
 def _bad_input_errors() -> tuple[type, ...]:
@@ -30,6 +38,47 @@ def _bad_input_errors() -> tuple[type, ...]:
     from engine.train import NonFiniteTraining
 
     return (CheckpointError, ConfigError, DataError, NonFiniteTraining)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list in its compressed syntax, without ``scontrol``:
+    ``node[01-04,07],gpu5`` -> ``node01``; ``a[3-4]b[1-2]`` -> ``a3b1``; ``localhost`` -> ``localhost``.
+    Only the first host is needed, so each bracket contributes the start of its first range."""
+    host, i = "", 0
+    while i < len(nodelist) and nodelist[i] != ",":
+        if nodelist[i] == "[":
+            end = nodelist.find("]", i)
+            if end < 0:
+                raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: '[' without ']'")
+            first = nodelist[i + 1:end].split(",")[0].split("-")[0]
+            if not first.isdigit():
+                raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: cannot read the range {nodelist[i:end + 1]!r}")
+            host, i = host + first, end + 1  # zero padding is part of the name: node[01-04] -> node01
+        else:
+            host, i = host + nodelist[i], i + 1
+    if not host:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
+    return host
+
+
+def slurm_env(env) -> dict[str, str]:
+    """The torch.distributed variables a plain ``srun`` task lacks, from SLURM's: RANK from
+    SLURM_PROCID, WORLD_SIZE from SLURM_NTASKS, LOCAL_RANK from SLURM_LOCALID, MASTER_ADDR from
+    the first host of the step's node list (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST: srun
+    starts task 0 on its first node) and MASTER_PORT 29500. Empty when torchrun already set RANK
+    (a torchrun per node inside srun also sees SLURM_PROCID, which then numbers nodes, not ranks)
+    or when this is not a SLURM task. Variables already set are kept."""
+    if env.get("RANK") or not env.get("SLURM_PROCID") or not env.get("SLURM_NTASKS"):
+        return {}
+    # the step's nodes: an srun on part of the allocation starts task 0 on the first of them
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not env.get("MASTER_ADDR") and not nodelist:
+        raise ValueError("srun task without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's address")
+    derived = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+               "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+               "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+               "MASTER_PORT": DEFAULT_MASTER_PORT}
+    return {k: v for k, v in derived.items() if not env.get(k)}
 
 
 def local_device_index(env, device_count: int) -> int:
@@ -102,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    try:  # before anything reads RANK or WORLD_SIZE; init_process_group's env:// reads the rest
+        os.environ.update(slurm_env(os.environ))
+    except ValueError as e:
+        print(f"meshtron-train: error: {e}", file=sys.stderr)
+        return 2
     rank = int(os.environ.get("RANK", "0"))
     try:
         path, overrides = parse_cli(argv)

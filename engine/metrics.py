@@ -1,119 +1,50 @@
-"""What a training run reports, on global rank 0: metrics.jsonl, TensorBoard scalars, a progress
-bar (or one plain line per step when stderr is not a terminal) and a loss-curve PNG.
+"""What a training run reports, on global rank 0: metrics.jsonl, TensorBoard scalars
+(``torch.utils.tensorboard``), Weights & Biases (``wandb_project``), a progress bar (or one plain
+line per step when stderr is not a terminal) and a loss-curve PNG.
 
-TensorBoard event files are written here directly (TFRecord framing + hand-encoded ``Event``
-protobufs) so that the heavy ``tensorboard`` package is only needed to *view* them.
+``tensorboard`` and ``wandb`` are optional extras (``pip install 'meshtron[tensorboard,wandb]'``),
+imported only when their logging is on.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
-import socket
-import struct
 import sys
-import time
 
 import torch
 from tqdm import tqdm
 
-# ---------------------------------------------------------------- crc32c (Castagnoli), TF masking
-
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
+WANDB_MODES = ("offline", "online")
 
 
-_CRC_TABLE = _crc_table()
+def _tensorboard_writer(logdir: str, start_step: int, required: bool):
+    """A ``SummaryWriter`` on ``logdir``, or None (after printing why) when the tensorboard package
+    is missing and not ``required``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        hint = f"tensorboard is not installed ({e}); pip install 'meshtron[tensorboard]'"
+        if required:
+            raise ImportError(f"train.tensorboard=true but {hint}, or set train.tensorboard=false") from None
+        print(f"skipped TensorBoard events: {hint}", flush=True)
+        return None
+    # purge_step writes SessionLog.START: TensorBoard hides what an earlier run in this logdir
+    # logged at steps >= start_step, so a resumed run's curve replaces them
+    return SummaryWriter(logdir, purge_step=start_step or None)
 
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C of ``data`` (reflected, init and final xor 0xFFFFFFFF)."""
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC that TFRecord stores (masking keeps CRCs of CRCs well distributed)."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ---------------------------------------------------------------- protobuf + TFRecord encoding
-
-def _varint(v: int) -> bytes:
-    v &= (1 << 64) - 1  # negative int64 are ten-byte two's complement on the wire
-    out = bytearray()
-    while v > 0x7F:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    if wire == 2:  # length-delimited
-        payload = _varint(len(payload)) + payload
-    return _varint(num << 3 | wire) + payload
-
-
-def _float32(v: float) -> bytes:
-    f32_max = 3.4028234663852886e38  # struct refuses finite values past float32 range
-    if math.isfinite(v) and abs(v) > f32_max:
-        v = math.copysign(math.inf, v)
-    return struct.pack("<f", v)
-
-
-def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                 scalars: dict[str, float] | None = None, session_start: bool = False) -> bytes:
-    """An ``Event`` protobuf: wall_time(1) double, step(2) int64, file_version(3) string,
-    summary(5) -> Summary.value(1) -> Value{tag(1), simple_value(2)}, session_log(7)."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _field(3, 2, file_version.encode())
-    if scalars:
-        values = b"".join(_field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, _float32(v)))
-                          for tag, v in scalars.items())
-        msg += _field(5, 2, values)
-    if session_start:  # SessionLog{status(1)=START}: TensorBoard drops older events at step >= this
-        msg += _field(7, 2, _field(1, 0, _varint(1)))
-    return msg
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord: uint64 length, uint32 masked_crc(length), data, uint32 masked_crc(data)."""
-    length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", masked_crc32c(length)) + data
-            + struct.pack("<I", masked_crc32c(data)))
-
-
-class EventWriter:
-    """Scalars to ``<logdir>/events.out.tfevents.<time>.<hostname>``, flushed on every write."""
-
-    def __init__(self, logdir: str, start_step: int = 0):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.path = os.path.join(logdir, name)
-        self._f = open(self.path, "ab")
-        self._f.write(tfrecord(encode_event(time.time(), 0, file_version="brain.Event:2")))
-        # a (re)started run purges what an earlier run in this logdir wrote from start_step on
-        self._f.write(tfrecord(encode_event(time.time(), start_step, session_start=True)))
-        self._f.flush()
-
-    def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        self._f.write(tfrecord(encode_event(time.time(), step, scalars=scalars)))
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
+def _wandb_run(project: str, mode: str, output_dir: str, config: dict | None):
+    """A wandb run of ``project`` whose files go under ``<output_dir>/wandb``."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"train.wandb_mode={mode!r} is not supported; use offline or online")
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(f"train.wandb_project={project!r} needs wandb, which is not installed ({e}); "
+                          f"pip install 'meshtron[wandb]' or unset train.wandb_project") from None
+    return wandb.init(project=project, mode=mode, dir=output_dir, config=config,
+                      name=os.path.basename(os.path.normpath(output_dir)))
 
 
 # ---------------------------------------------------------------- the run logger
@@ -146,20 +77,28 @@ class RunLogger:
 
     ``start_step > 0`` resumes: metrics.jsonl keeps its rows with step < start_step and continues.
     ``progress``: a tqdm bar (default: when stderr is a TTY), else one plain line per row.
+    ``tensorboard``: scalars in ``<output_dir>/tensorboard``; True needs the tensorboard package,
+    None (default) writes them when it is installed. ``wandb_project``: also log to this Weights &
+    Biases project (``wandb_mode`` offline or online; ``run_config`` is the run's config there).
     """
 
     def __init__(self, output_dir: str, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, plot: bool = True, progress: bool | None = None):
+                 tensorboard: bool | None = None, plot: bool = True, progress: bool | None = None,
+                 wandb_project: str | None = None, wandb_mode: str = "offline",
+                 run_config: dict | None = None):
         self.enabled, self.output_dir, self.plot = enabled, output_dir, plot
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self._events = self._bar = self._f = None
+        self._events = self._wandb = self._bar = self._f = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
+        if wandb_project is not None:  # first: a missing wandb fails before any file is touched
+            self._wandb = _wandb_run(wandb_project, wandb_mode, output_dir, run_config)
         self._truncate(start_step)
         self._f = open(self.path, "a")
-        if tensorboard:
-            self._events = EventWriter(os.path.join(output_dir, "tensorboard"), start_step)
+        if tensorboard is not False:
+            self._events = _tensorboard_writer(os.path.join(output_dir, "tensorboard"), start_step,
+                                               required=tensorboard is True)
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
@@ -184,9 +123,13 @@ class RunLogger:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         step = int(row["step"])
+        scalars = {k: float(v) for k, v in row.items() if k != "step" and _is_number(v)}
         if self._events is not None:
-            scalars = {k: float(v) for k, v in row.items() if k != "step" and _is_number(v)}
-            self._events.add_scalars(step, scalars)
+            for tag, v in scalars.items():
+                self._events.add_scalar(tag, v, step)
+            self._events.flush()  # a crashed run's curve is on disk up to its last logged step
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
         text = _summary(row, peak_memory_gib())
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
@@ -202,6 +145,8 @@ class RunLogger:
             self._bar.close()
         if self._events is not None:
             self._events.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         self._f.close()
         self._f = None
         if self.plot:

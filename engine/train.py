@@ -268,8 +268,12 @@ def train(cfg, mesh) -> list[dict]:
         first_step = load_training_checkpoint(model, opt, mesh, where)
         if mesh.rank == 0:
             print(f"resumed from {where} at step {first_step}", flush=True)
+    from engine.config.loader import config_to_dict
+
     log = RunLogger(cfg.train.output_dir, enabled=mesh.rank == 0, total_steps=cfg.train.steps,
-                    start_step=first_step)
+                    start_step=first_step, tensorboard=cfg.train.tensorboard,
+                    wandb_project=cfg.train.wandb_project, wandb_mode=cfg.train.wandb_mode,
+                    run_config=config_to_dict(cfg))
     rows, start, bad, skipped = [], time.perf_counter(), 0, 0
     ck = cfg.checkpoint
     for step in range(first_step, cfg.train.steps):

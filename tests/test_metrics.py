@@ -1,18 +1,23 @@
-"""engine/metrics.py: crc32c, TensorBoard event files read back by an independent decoder,
-metrics.jsonl (fresh and resumed), console modes, loss-curve PNGs."""
+"""engine/metrics.py: TensorBoard scalars read back with tensorboard's own EventAccumulator
+(fresh, resumed, off, package missing), Weights & Biases offline runs read back from their
+.wandb file, metrics.jsonl (fresh and resumed), console modes, loss-curve PNGs."""
 import glob
 import importlib.util
+import json
 import os
-import socket
 import struct
-import zlib
+import sys
+import time
 
 import pytest
 
-from engine import metrics
-from engine.metrics import RunLogger, crc32c, masked_crc32c, plot_loss_curves, read_metrics
+from engine.config.checks import validate
+from engine.config.loader import load_config
+from engine.config.schema import ConfigError
+from engine.metrics import RunLogger, plot_loss_curves, read_metrics
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+SCALARS = {"loss", "grad_norm", "lr", "num_tokens", "tokens_per_s"}  # "note" and "ok" are not numbers
 
 
 def _rows(n, start=0):
@@ -21,145 +26,145 @@ def _rows(n, start=0):
             for s in range(start, n)]
 
 
-# ------------------------------------------------------------------ an independent event reader
-
-def _crc32c_bitwise(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
+def _log(out, rows, **kw):
+    with RunLogger(out, enabled=True, total_steps=len(rows), plot=False, progress=False, **kw) as log:
+        for row in rows:
+            log.log(row)
 
 
-def _mask(crc):
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} as TensorBoard itself reads ``logdir`` (purges included)."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = ea.EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _records(path):
-    data, pos, out = open(path, "rb").read(), 0, []
-    while pos < len(data):
-        header = data[pos:pos + 8]
-        (n,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == _mask(_crc32c_bitwise(header))
-        body = data[pos + 12:pos + 12 + n]
-        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == _mask(_crc32c_bitwise(body))
-        out.append(body)
-        pos += 16 + n
+# ------------------------------------------------------------------ TensorBoard
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    _log(tmp_path, _rows(5))
+    got = _scalars(tmp_path / "tensorboard")
+    assert len(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))) == 1
+    assert set(got) == SCALARS  # "step" is the event's step, strings and bools are not scalars
+    for tag, points in got.items():
+        assert [s for s, _ in points] == list(range(5))
+        assert [v for _, v in points] == [pytest.approx(r[tag], rel=1e-6) for r in _rows(5)]
+
+
+def test_tensorboard_resume_replaces_later_steps(tmp_path):
+    _log(tmp_path, _rows(4))
+    assert _scalars(tmp_path / "tensorboard")["loss"] == [(0, 10.0), (1, 9.5), (2, 9.0), (3, 8.5)]
+    # a run resumed at step 2 replaces steps 2, 3 (TensorBoard purges on SessionLog.START)
+    _log(tmp_path, [dict(r, loss=-1.0) for r in _rows(4, start=2)], start_step=2)
+    assert _scalars(tmp_path / "tensorboard")["loss"] == [(0, 10.0), (1, 9.5), (2, -1.0), (3, -1.0)]
+
+
+def test_tensorboard_large_negative_nan_values(tmp_path):
+    _log(tmp_path, [{"step": 2**40, "big": 1e300, "neg": -3.5, "nan": float("nan")}])
+    got = _scalars(tmp_path / "tensorboard")
+    assert got["big"] == [(2**40, float("inf"))] and got["neg"] == [(2**40, -3.5)]  # float32 values
+    assert got["nan"][0][0] == 2**40 and got["nan"][0][1] != got["nan"][0][1]
+
+
+def test_tensorboard_off(tmp_path):
+    _log(tmp_path, _rows(2), tensorboard=False)
+    assert not (tmp_path / "tensorboard").exists() and len(read_metrics(tmp_path / "metrics.jsonl")) == 2
+
+
+def test_tensorboard_missing_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    _log(tmp_path / "auto", _rows(2))  # default: skipped with one line, the rest still logged
+    assert not (tmp_path / "auto" / "tensorboard").exists()
+    assert len(read_metrics(tmp_path / "auto" / "metrics.jsonl")) == 2
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "meshtron[tensorboard]" in skipped[0]
+    with pytest.raises(ImportError, match=r"train\.tensorboard=true .*meshtron\[tensorboard\]"):
+        RunLogger(tmp_path / "required", enabled=True, total_steps=1, tensorboard=True, progress=False)
+
+
+# ------------------------------------------------------------------ Weights & Biases
+
+def _wandb_records(path) -> list[bytes]:
+    """The records of a .wandb file: a 7-byte header, then LevelDB-log blocks of 32 KiB whose
+    records (7-byte header: crc, uint16 length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4) may
+    span blocks; a block's tail shorter than a header is padding."""
+    data, block = open(path, "rb").read(), 32768
+    assert data[:4] == b":W&B"
+    pos, part, out = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        part += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            out.append(part)
+            part = b""
     return out
 
 
-def _proto(buf):
-    """{field number: [raw values]}: ints for varints, bytes for the rest."""
-    fields, pos = {}, 0
+def _wandb_history(run_dir):
+    """(project, [{key: value}] of the logged steps) of the one offline run under ``run_dir``."""
+    from wandb.proto import wandb_internal_pb2
 
-    def varint():
-        nonlocal pos
-        v = shift = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return v
-
-    while pos < len(buf):
-        key = varint()
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            val = varint()
-        elif wire == 1:
-            val, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            val, pos = buf[pos:pos + 4], pos + 4
-        else:
-            assert wire == 2, wire
-            n = varint()
-            val, pos = buf[pos:pos + n], pos + n
-        fields.setdefault(num, []).append(val)
-    return fields
+    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = []
+    for _ in range(100):  # wandb-core may still be writing after finish() returns: wait for the exit record
+        records = [wandb_internal_pb2.Record.FromString(data) for data in _wandb_records(path)]
+        if any(rec.WhichOneof("record_type") == "exit" for rec in records):
+            break
+        time.sleep(0.1)
+    project, rows = None, []
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            project = rec.run.project
+        elif kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            rows.append({k: v for k, v in items.items() if not k.startswith("_") or k == "_step"})
+    return project, rows
 
 
-def _read_events(logdir):
-    """[(step, {tag: value}, extras)] over every event file in ``logdir``, in file order."""
-    events = []
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        for rec in _records(path):
-            ev = _proto(rec)
-            assert isinstance(struct.unpack("<d", ev[1][0])[0], float)
-            step = ev.get(2, [0])[0]
-            scalars = {}
-            for summary in ev.get(5, []):
-                for value in _proto(summary)[1]:
-                    v = _proto(value)
-                    scalars[v[1][0].decode()] = struct.unpack("<f", v[2][0])[0]
-            events.append((step, scalars, ev))
-    return events
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "home" / var))  # nothing written outside tmp_path
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    _log(tmp_path / "run", _rows(3), wandb_project="meshtron-test", tensorboard=False,
+         run_config={"train": {"steps": 3}})
+    project, history = _wandb_history(tmp_path / "run")
+    assert project == "meshtron-test"
+    assert [h.pop("_step") for h in history] == [0, 1, 2]
+    assert history == [{k: r[k] for k in SCALARS} for r in _rows(3)]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == _rows(3)  # the JSONL log is kept
 
 
-# ------------------------------------------------------------------ tests
-
-@pytest.mark.parametrize("data, want", [(b"", 0), (b"123456789", 0xE3069283), (b"a", 0xC1D04330),
-                                         (bytes(32), 0x8A9136AA), (b"\xff" * 32, 0x62A8AB43)])
-def test_crc32c_known_vectors(data, want):
-    assert crc32c(data) == want
-    assert _crc32c_bitwise(data) == want
-
-
-def test_crc32c_matches_bitwise_on_random_bytes():
-    rng = __import__("random").Random(0)
-    for n in (1, 7, 64, 1000):
-        data = bytes(rng.randrange(256) for _ in range(n))
-        assert crc32c(data) == _crc32c_bitwise(data) != zlib.crc32(data)
-        assert masked_crc32c(data) == _mask(crc32c(data))
+def test_wandb_missing_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    # other ranks hold a disabled logger: they never import wandb
+    RunLogger(tmp_path / "rank1", enabled=False, total_steps=1, wandb_project="p").close()
+    with pytest.raises(ImportError, match=r"train\.wandb_project='p' .*meshtron\[wandb\]"):
+        RunLogger(tmp_path / "rank0", enabled=True, total_steps=1, wandb_project="p", progress=False)
+    assert not (tmp_path / "rank0" / "metrics.jsonl").exists()
 
 
-def test_event_file_reads_back(tmp_path):
-    with RunLogger(tmp_path, enabled=True, total_steps=5, plot=False, progress=False) as log:
-        for row in _rows(5):
-            log.log(row)
-    files = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-    assert len(files) == 1 and files[0].endswith(socket.gethostname())
-    events = _read_events(tmp_path / "tensorboard")
-    assert events[0][2][3] == [b"brain.Event:2"]
-    scalar_events = [(s, sc) for s, sc, _ in events if sc]
-    assert [s for s, _ in scalar_events] == list(range(5))
-    for (step, sc), row in zip(scalar_events, _rows(5)):
-        # numeric fields only; "step" is the event's step, strings and bools are not scalars
-        assert set(sc) == {"loss", "grad_norm", "lr", "num_tokens", "tokens_per_s"}
-        for tag, v in sc.items():
-            assert v == pytest.approx(row[tag], rel=1e-6)
+def test_config_logging_fields(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec: not installed
+    with pytest.raises(ConfigError, match=r"train\.wandb_project='p' needs wandb"):
+        validate(load_config(None, ["train.wandb_project=p"]), 1)
+    # files=False (meshtron-plan --simulate) checks no installed package
+    cfg = validate(load_config(None, ["train.wandb_project=p", "train.tensorboard=false"]), 1, files=False)
+    assert (cfg.train.wandb_project, cfg.train.wandb_mode, cfg.train.tensorboard) == ("p", "offline", False)
+    with pytest.raises(ConfigError, match="train.wandb_mode='cloud' is not supported"):
+        validate(load_config(None, ["train.wandb_mode=cloud"]), 1)
 
 
-def test_event_file_with_tensorboard(tmp_path):
-    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    with RunLogger(tmp_path, enabled=True, total_steps=4, plot=False, progress=False) as log:
-        for row in _rows(4):
-            log.log(row)
-    acc = ea.EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    assert "loss" in acc.Tags()["scalars"]
-    got = [(e.step, e.value) for e in acc.Scalars("loss")]
-    assert got == [(r["step"], pytest.approx(r["loss"])) for r in _rows(4)]
-    # a run resumed at step 2 replaces steps 2, 3 (TensorBoard purges on SessionLog.START)
-    with RunLogger(tmp_path, enabled=True, total_steps=4, start_step=2, plot=False,
-                   progress=False) as log:
-        for row in _rows(4, start=2):
-            log.log(dict(row, loss=-1.0))
-    acc = ea.EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    got = [(e.step, e.value) for e in acc.Scalars("loss")]
-    assert got == [(0, 10.0), (1, 9.5), (2, -1.0), (3, -1.0)]
-
-
-def test_negative_and_large_values_encode(tmp_path):
-    w = metrics.EventWriter(str(tmp_path))
-    w.add_scalars(2**40, {"big": 1e300, "neg": -3.5, "nan": float("nan")})
-    w.close()
-    step, sc, _ = _read_events(tmp_path)[-1]
-    assert step == 2**40 and sc["big"] == float("inf") and sc["neg"] == -3.5 and sc["nan"] != sc["nan"]
-
+# ------------------------------------------------------------------ metrics.jsonl and the console
 
 def test_metrics_jsonl_and_resume(tmp_path):
     with RunLogger(tmp_path, enabled=True, total_steps=6, plot=False, progress=False) as log:
@@ -175,10 +180,6 @@ def test_metrics_jsonl_and_resume(tmp_path):
         for row in resumed:
             log.log(row)
     assert read_metrics(tmp_path / "metrics.jsonl") == _rows(3) + resumed
-    # the resumed run's event file asks TensorBoard to purge the old run's steps >= 3
-    tb = tmp_path / "tensorboard"
-    starts = [s for s, _, ev in _read_events(tb) if 7 in ev]  # Event.session_log
-    assert 3 in starts and all(_proto(ev[7][0])[1] == [1] for _, _, ev in _read_events(tb) if 7 in ev)
     # a fresh run (start_step=0) starts the file over
     with RunLogger(tmp_path, enabled=True, total_steps=2, plot=False, progress=False) as log:
         log.log(_rows(1)[0])
@@ -197,7 +198,7 @@ def test_disabled_logger_writes_nothing(tmp_path, capsys):
 
 def test_plain_lines_when_not_a_tty(tmp_path, capsys):
     # pytest captures stderr, so it is not a TTY: progress=None falls back to plain lines
-    with RunLogger(tmp_path, enabled=True, total_steps=3, plot=False) as log:
+    with RunLogger(tmp_path, enabled=True, total_steps=3, plot=False, tensorboard=False) as log:
         for row in _rows(3):
             log.log(row, echo=row["step"] != 1)
     out, err = capsys.readouterr()
@@ -209,7 +210,7 @@ def test_plain_lines_when_not_a_tty(tmp_path, capsys):
 
 
 def test_progress_bar(tmp_path, capsys):
-    with RunLogger(tmp_path, enabled=True, total_steps=4, plot=False, progress=True) as log:
+    with RunLogger(tmp_path, enabled=True, total_steps=4, plot=False, progress=True, tensorboard=False) as log:
         for row in _rows(4):
             log.log(row)
     out, err = capsys.readouterr()
@@ -242,7 +243,7 @@ def test_png_skipped_without_matplotlib(tmp_path, capsys, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
-    with RunLogger(tmp_path, enabled=True, total_steps=1, progress=False) as log:
+    with RunLogger(tmp_path, enabled=True, total_steps=1, progress=False, tensorboard=False) as log:
         log.log(_rows(1)[0])
     assert not (tmp_path / "loss.png").exists()
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]

@@ -21,6 +21,7 @@ _CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge
             "parallel.placement": ("head-first", "context-first"),
             "parallel.sp_mode": ("ring", "ulysses", "hybrid", "flexsp"),
             "train.recompute": ("none", "full", "selective", "attention-cached"),
+            "train.wandb_mode": ("offline", "online"),
             "optim.sharding": ("none", "zero1", "fsdp2"), "flexsp.solver": ("milp", "greedy"),
             "checkpoint.format": ("torch_dist", "torch"),
             "parallel.pp_schedule": ("1f1b", "interleaved", "seq1f1b"),
@@ -271,6 +272,20 @@ def _check_paths(cfg: Config, files: bool = True) -> None:
     resume = cfg.train.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         raise ConfigError(f"train.resume={resume} does not exist; use auto, none or a checkpoint directory")
+    _check_logging_packages(cfg)
+
+
+def _check_logging_packages(cfg: Config) -> None:
+    """The optional logging packages a config asks for, checked on every rank before training (a
+    missing one found by rank 0's logger alone would leave the other ranks waiting on it)."""
+    import importlib.util
+
+    if cfg.train.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project={cfg.train.wandb_project!r} needs wandb, which is not "
+                          f"installed; pip install 'meshtron[wandb]' or unset train.wandb_project")
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard=true needs tensorboard, which is not installed; "
+                          "pip install 'meshtron[tensorboard]' or set train.tensorboard=false")
 
 
 def _check_batch_and_data(cfg: Config, dp: int) -> None:

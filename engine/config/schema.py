@@ -139,6 +139,16 @@ class TrainConfig:
     """bf16 parameters and activations with fp32 master weights."""
     log_interval: int = 1
     """Log metrics every this many steps."""
+    tensorboard: bool | None = None
+    """TensorBoard scalars in ``<output_dir>/tensorboard``: true needs the tensorboard package
+    (``pip install 'meshtron[tensorboard]'``), false writes none, null writes them when it is installed."""
+    wandb_project: str | None = None
+    """Also log the metrics to this Weights & Biases project, from global rank 0 (Megatron's
+    --wandb-project, LLaMA-Factory's report_to: wandb); needs ``pip install 'meshtron[wandb]'``.
+    null: no wandb."""
+    wandb_mode: str = "offline"
+    """Where wandb sends the run: "offline" (training nodes often have no network; upload later
+    with ``wandb sync <output_dir>/wandb``) or "online" (needs ``wandb login`` or WANDB_API_KEY)."""
     max_bad_steps: int = 5
     """A step whose loss or gradient norm is NaN/Inf is skipped (no update) and counted; after this
     many consecutive skipped steps the run stops with an error (0: never stop)."""

@@ -101,13 +101,19 @@ def tile_grad_bytes(m, tp: int, s: int, tiles: int) -> float:
     return (4 + s) * 3 * m.ffn_hidden_size * m.hidden_size / tp if tiles > 1 else 0.0
 
 
-def backward_working_per_token(m, tp: int, s: int, tiles: int = 1) -> float:
-    """Alive inside one layer's backward (estimate): the gradients of fc1's output (2f) and of the
-    silu product (f) — one tile's when tiled — and, at the QKV projection, its input gathered
-    again over tp and its input gradient before the reduce-scatter: two ``[T, h]`` tensors over
-    ALL T tokens (sequence parallelism splits them only between the linears), which is why tp
-    reaches less far than cp at equal degree."""
-    return s * 3 * m.ffn_hidden_size / max(tiles, 1) / tp + 2 * s * m.hidden_size
+def mlp_backward_per_token(m, tp: int, s: int, tiles: int = 1) -> float:
+    """Alive in one layer's MLP backward: the gradients of fc1's output (2f) and of the silu
+    product (f) — one tile's when tiled (with :func:`tile_grad_bytes` beside them)."""
+    return s * 3 * m.ffn_hidden_size / max(tiles, 1) / tp
+
+
+def qkv_backward_per_token(m, tp: int, s: int) -> float:
+    """Alive in one layer's attention backward, at the QKV projection: its input gathered again
+    over tp and its input gradient before the reduce-scatter, two ``[T, h]`` tensors over ALL T
+    tokens (sequence parallelism splits them only between the linears), which is why tp reaches
+    less far than cp at equal degree. The context-parallel buffers (:func:`cp_buffers_per_token`)
+    are alive in the same half of the layer's backward; the MLP's are not."""
+    return 2 * s * m.hidden_size
 
 
 def model_extras_per_token(m, tp: int, s: int, first: bool, last: bool, num_chunks: int,

@@ -264,9 +264,16 @@ def stage_phases(m: ModelSpec, mesh: Mesh, run: Run, stage: int) -> tuple[dict[s
     staged = per_layer * unit * (2 if run.offload_activations and any(
         len(c_) > run.offload_keep_layers for c_ in chunks) else 0)
     loss_saved = loss_tok * unit  # the softmax (fused: the lse) of the unit whose backward starts
-    layer_bwd = (act.rematerialised_per_token(m, tp, hp, s, run.recompute, tiles)
-                 + act.backward_working_per_token(m, tp, s, tiles)) * unit + staged + act.tile_grad_bytes(m, tp, s, tiles)
+    # a layer's backward runs its MLP half, then its attention half: the larger of the two working
+    # sets is alive on top of the layer's rematerialised activations
+    mlp_bwd = act.mlp_backward_per_token(m, tp, s, tiles) * unit + act.tile_grad_bytes(m, tp, s, tiles)
+    attn_bwd = act.qkv_backward_per_token(m, tp, s) * unit
     cp_buf = act.cp_buffers_per_token(m, tp, hp, mesh.rp, s) * unit
+    if mlp_bwd > attn_bwd + cp_buf:
+        attn_bwd = cp_buf = 0.0
+    else:
+        mlp_bwd = 0.0
+    layer_bwd = act.rematerialised_per_token(m, tp, hp, s, run.recompute, tiles) * unit + staged + mlp_bwd + attn_bwd
     loss = act.loss_transient_bytes(m, tp, s, unit, chunk) if last else 0.0
     states = {k_: st[k_] for k_ in ("params", "grads", "optimizer")}
     zero = {"activations": 0.0, "loss": 0.0, "cp_buffers": 0.0}
