@@ -59,8 +59,9 @@ def _rope_from_hf(cfg: PretrainedConfig) -> tuple[float, dict | None]:
 def model_config_from_hf(hf_config: PretrainedConfig) -> dict:
     """meshtron's `model` config section from a transformers Llama/Qwen2/Mistral config.
 
-    Mistral's `sliding_window` is not carried: meshtron attends over the full context, which
-    equals sliding-window attention for sequences no longer than the window.
+    Mistral's `sliding_window` is carried as `sliding_window`: meshtron attends over the full
+    context, which equals sliding-window attention for sequences no longer than the window, and
+    the config check refuses a longer `data.seq_len`.
     """
     arch = getattr(hf_config, "model_type", None)
     if arch not in _CONFIG_CLASSES:
@@ -79,6 +80,7 @@ def model_config_from_hf(hf_config: PretrainedConfig) -> dict:
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None)
     theta, scaling = _rope_from_hf(c)
+    window = getattr(c, "sliding_window", None) if arch == "mistral" else None
     return {
         "arch": arch,
         "num_layers": c.num_hidden_layers,
@@ -94,6 +96,7 @@ def model_config_from_hf(hf_config: PretrainedConfig) -> dict:
         "add_qkv_bias": arch == "qwen2",
         "tie_word_embeddings": bool(c.tie_word_embeddings),
         "max_position_embeddings": c.max_position_embeddings,
+        **({"sliding_window": int(window)} if window else {}),
     }
 
 
@@ -132,7 +135,7 @@ def hf_config_from_model_config(model: dict, torch_dtype: str = "float32") -> Pr
     if arch == "llama":
         kwargs["attention_bias"] = False
     elif arch == "mistral":
-        kwargs["sliding_window"] = None  # meshtron trains with full attention
+        kwargs["sliding_window"] = model.get("sliding_window")  # kept: training refused seq_len above it
     else:
         kwargs["use_sliding_window"] = False
     return _CONFIG_CLASSES[arch](**kwargs)

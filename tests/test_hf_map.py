@@ -206,3 +206,20 @@ def test_errors():
     del canon["output_layer.weight"]
     with pytest.raises(KeyError, match="output_layer.weight"):
         canonical_to_hf(canon, mc)
+
+
+def test_mistral_window_is_kept_and_longer_sequences_refused():
+    """No silent change of a model's attention: Mistral's sliding window travels HF -> meshtron ->
+    HF, and a seq_len above it is refused by the config check (meshtron's attention is full)."""
+    from engine.config import ConfigError, load_config, validate
+
+    hf = MistralConfig(**TINY, num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+                       max_position_embeddings=1024, sliding_window=64)
+    model = model_config_from_hf(hf)
+    assert model["sliding_window"] == 64
+    assert hf_config_from_model_config(model).sliding_window == 64
+    assert "sliding_window" not in model_config_from_hf(mistral_config())  # no window: full attention
+    over = [f"model.{k}={v}" for k, v in model.items() if k not in ("rope_scaling", "kv_channels")]
+    validate(load_config(None, over + ["data.seq_len=64"]), 1)
+    with pytest.raises(ConfigError, match=r"data.seq_len=128 exceeds model.sliding_window=64"):
+        validate(load_config(None, over + ["data.seq_len=128"]), 1)

@@ -40,11 +40,21 @@ def validate(cfg: Config, world_size: int, files: bool = True) -> Config:
     _check_model(cfg.model, cfg.parallel)  # before the world size: a model-vs-degree error is the root cause
     dp = _resolve_dp(cfg.parallel, world_size)
     _check_batch_and_data(cfg, dp)
+    _check_window(cfg)
     _check_pipeline(cfg, dp)
     _check_optim(cfg)
     _check_checkpoint(cfg)
     _check_paths(cfg, files)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
+
+
+def _check_window(cfg: Config) -> None:
+    """No silent change of a model's attention (Mistral's sliding window)."""
+    window = cfg.model.sliding_window
+    if window is not None and cfg.data.seq_len > window:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.sliding_window={window}: meshtron's "
+                          f"attention is full causal, which equals the model's windowed attention only for "
+                          f"sequences of at most {window} tokens; use data.seq_len<={window}")
 
 
 def _check_values(cfg: Config) -> None:

@@ -40,6 +40,10 @@ class ModelConfig:
     """Share the input embedding with the output layer."""
     max_position_embeddings: int = 4096
     """Longest position the model is meant for (recorded in checkpoints)."""
+    sliding_window: int | None = None
+    """Mistral's attention window in tokens (HF ``sliding_window``); None: full causal attention.
+    meshtron's attention is full causal, which equals the window's for documents no longer than
+    it, so ``data.seq_len`` above the window is refused rather than silently changing the model."""
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of weights."""
     load: str | None = None
