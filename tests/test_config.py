@@ -368,3 +368,13 @@ def test_every_field_has_a_docstring():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (["parallel.pp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2"], "log-sigmoid of whole-sequence"),
+    (["parallel.sp_mode=flexsp", "parallel.cp=2"], "couples a pair's chosen and rejected"),
+])
+def test_restrictions_say_why(overrides, reason):
+    """The README's restrictions: each refused before any work, with its reason in the error."""
+    with pytest.raises(ConfigError, match=reason):
+        validate(load_config(None, ["recipe=dpo"] + overrides), 2)

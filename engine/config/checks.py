@@ -258,7 +258,10 @@ def _check_paths(cfg: Config, files: bool = True) -> None:
     import os
 
     if cfg.recipe == "dpo" and cfg.parallel.pp_schedule == "seq1f1b":
-        raise ConfigError("recipe=dpo with parallel.pp_schedule=seq1f1b is not supported; use 1f1b or interleaved")
+        raise ConfigError("recipe=dpo with parallel.pp_schedule=seq1f1b is not supported: DPO's loss is a "
+                          "log-sigmoid of whole-sequence log-prob sums of a chosen/rejected pair, so no sequence "
+                          "chunk's gradient is known before the pair's last chunk has run forward, which is what "
+                          "Seq1F1B's chunk-by-chunk backward needs; use parallel.pp_schedule=1f1b or interleaved")
     if not files:
         return
     if cfg.model.load is not None and not os.path.isdir(cfg.model.load):
@@ -319,7 +322,10 @@ def _check_batch_and_data(cfg: Config, dp: int) -> None:
                           "set data.pack=true")
     if p.sp_mode == "flexsp":
         if cfg.recipe != "sft":
-            raise ConfigError(f"parallel.sp_mode=flexsp supports recipe=sft; got recipe={cfg.recipe}")
+            raise ConfigError(f"parallel.sp_mode=flexsp supports recipe=sft; got recipe={cfg.recipe}: FlexSP places "
+                              f"each sequence in an SP group by its own length, but DPO's loss couples a pair's "
+                              f"chosen and rejected sequences, which its planner does not keep together; use "
+                              f"parallel.sp_mode=ring, ulysses or hybrid")
         if p.ring_window:
             raise ConfigError(f"parallel.ring_window={p.ring_window} is not supported with parallel.sp_mode=flexsp "
                               f"(its groups change size every step); use ring_window=0")
