@@ -157,7 +157,7 @@ def test_unknown_key_with_nothing_close_lists_the_section():
     assert error(["zzzz=1"]) == ("unknown key 'zzzz'; valid sections are recipe, model, parallel, optim, "
                                  "train, data, dist, checkpoint, dpo, flexsp, hardware, and top-level aliases cutoff_len, sequence_parallel_size, "
                                  "sequence_parallel_mode, sequence_parallel_ulysses_degree, "
-                                 "sequence_parallel_ring_degree")
+                                 "sequence_parallel_ring_degree, report_to")
 
 
 # --- types -----------------------------------------------------------------------------------
@@ -378,3 +378,17 @@ def test_restrictions_say_why(overrides, reason):
     """The README's restrictions: each refused before any work, with its reason in the error."""
     with pytest.raises(ConfigError, match=reason):
         validate(load_config(None, ["recipe=dpo"] + overrides), 2)
+
+
+def test_llama_factory_report_to(monkeypatch):
+    """LLaMA-Factory's report_to: tensorboard / wandb (project from WANDB_PROJECT) / none / all."""
+    monkeypatch.setenv("WANDB_PROJECT", "lf-proj")
+    cfg = load_config(None, ["report_to=wandb"])
+    assert cfg.train.wandb_project == "lf-proj" and cfg.train.tensorboard is False
+    cfg = load_config(None, ["report_to=all"])
+    assert cfg.train.wandb_project == "lf-proj" and cfg.train.tensorboard is True
+    assert load_config(None, ["report_to=none"]).train.tensorboard is False
+    with pytest.raises(ConfigError, match="report_to='mlflow' is not supported"):
+        load_config(None, ["report_to=mlflow"])
+    # an explicit dotted key beside the alias wins, as for the other aliases
+    assert load_config(None, ["report_to=tensorboard", "train.tensorboard=false"]).train.tensorboard is False

@@ -31,6 +31,24 @@ def _lf_ring_degree(raw: dict, value: Any) -> None:
         _set_once(raw, "parallel.cp", hp * value, "sequence_parallel_ring_degree")
 
 
+def _lf_report_to(raw: dict, value: Any) -> None:
+    """LLaMA-Factory's ``report_to`` (transformers' integrations): tensorboard -> train.tensorboard,
+    wandb -> train.wandb_project (from ``WANDB_PROJECT``, as transformers reads it, else "meshtron"),
+    none -> neither, all -> both."""
+    import os
+
+    known = ("none", "tensorboard", "wandb", "all")
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n in known for n in names):
+        raise ConfigError(f"report_to={value!r} is not supported; use one or a list of {', '.join(known)}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"report_to={value!r}: 'none' cannot be combined with other integrations")
+    every = "all" in names
+    _set_once(raw, "train.tensorboard", every or "tensorboard" in names, "report_to")
+    if every or "wandb" in names:
+        _set_once(raw, "train.wandb_project", os.environ.get("WANDB_PROJECT") or "meshtron", "report_to")
+
+
 def _set_once(raw: dict, key: str, value: Any, alias: str) -> None:
     section, leaf = key.split(".")
     current = (raw.get(section) or {}).get(leaf, value)
@@ -47,6 +65,7 @@ ALIASES: dict[str, str | Callable[[dict, Any], None]] = {
     "sequence_parallel_mode": _lf_mode,
     "sequence_parallel_ulysses_degree": "parallel.hp",
     "sequence_parallel_ring_degree": _lf_ring_degree,
+    "report_to": _lf_report_to,
 }
 
 
