@@ -55,7 +55,10 @@ def test_tensorboard_scalars_read_back(tmp_path):
 def test_tensorboard_resume_replaces_later_steps(tmp_path):
     _log(tmp_path, _rows(4))
     assert _scalars(tmp_path / "tensorboard")["loss"] == [(0, 10.0), (1, 9.5), (2, 9.0), (3, 8.5)]
-    # a run resumed at step 2 replaces steps 2, 3 (TensorBoard purges on SessionLog.START)
+    # a run resumed at step 2 replaces steps 2, 3 (TensorBoard purges on SessionLog.START). A real
+    # resume is a later process: its event file's name (whole-second time, host, pid, then a
+    # per-process counter compared as a string, so "10" < "9") sorts after; here, one second on
+    time.sleep(1.05)
     _log(tmp_path, [dict(r, loss=-1.0) for r in _rows(4, start=2)], start_step=2)
     assert _scalars(tmp_path / "tensorboard")["loss"] == [(0, 10.0), (1, 9.5), (2, -1.0), (3, -1.0)]
 
