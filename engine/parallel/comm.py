@@ -167,6 +167,14 @@ def split_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return Conjugate.apply(x, lambda t: _chunk(t, dim, group), lambda g: _all_gather(g, dim, group))
 
 
+def broadcast_(t: torch.Tensor, group, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from global rank ``src`` of a tensor outside the graph."""
+    if _size(group) > 1:
+        COUNTER.record("broadcast", group, _nbytes(t))
+        dist.broadcast(t, src=src, group=group)
+    return t
+
+
 def all_reduce_max_(t: torch.Tensor, group) -> torch.Tensor:
     """In-place MAX all-reduce of a tensor outside the graph (e.g. a softmax shift)."""
     return all_reduce_(t, group, op=dist.ReduceOp.MAX)

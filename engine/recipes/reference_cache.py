@@ -35,6 +35,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+from engine.parallel.comm import all_reduce_, all_reduce_max_, broadcast_
 from engine.recipes.dpo import DPOMicroBatch, compute_reference, dpo_micro_batches, micro_batch_pairs
 
 FORMAT = 1
@@ -139,9 +140,8 @@ def _compute(cfg, mesh, dataset, build_reference, num_pairs: int) -> tuple[torch
                 table[pairs.start:pairs.stop, 2] = 1.0
                 code.fill_(_DTYPES.index(mb.reference.dtype) + 1)
     del runtime  # the reference model goes here: training never holds it
-    if mesh.layout.world_size > 1:
-        dist.all_reduce(table)
-        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    all_reduce_(table, dist.group.WORLD)
+    all_reduce_max_(code, dist.group.WORLD)
     filled = table[:, 2]
     assert bool((filled == 1).all()), f"reference pass filled pairs {filled.min()}..{filled.max()} times, not once"
     return table[:, :2].contiguous(), _DTYPES[int(code) - 1]
@@ -149,7 +149,7 @@ def _compute(cfg, mesh, dataset, build_reference, num_pairs: int) -> tuple[torch
 
 def _broadcast(t: torch.Tensor, mesh) -> None:
     if mesh.layout.world_size > 1:
-        dist.broadcast(t, src=0)
+        broadcast_(t, dist.group.WORLD)
 
 
 def _checksum(t: torch.Tensor) -> str:
