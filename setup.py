@@ -32,7 +32,9 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "megatron-core==0.16.1"],
+        # datasets: tests write save_to_disk directories (the engine reads them with pyarrow alone)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "megatron-core==0.16.1",
+                "datasets>=2.16"],
         "gpu": ["flash-attn>=2.6", "cut-cross-entropy>=25.1"],
         "tensorboard": ["tensorboard>=2.14"],  # train.tensorboard (torch.utils.tensorboard)
         "wandb": ["wandb>=0.17"],  # train.wandb_project

@@ -1,9 +1,11 @@
-"""Name and layout map between HF Llama/Qwen2/Mistral and meshtron's canonical state dict.
+"""Name and layout map between HF Llama/Qwen2/Qwen3/Mistral and meshtron's canonical state dict.
 
 The canonical state dict is unsharded and uses megatron-core GPTModel (local spec) names:
 fused `linear_qkv` rows grouped per KV group `[q heads of group g, k_g, v_g]`, `linear_fc1` =
 `[gate; up]`, vocab rows padded with zeros to `padded_vocab`. HF q/k need no RoPE permutation:
-HF Llama already uses the half-split rotary layout megatron uses.
+HF Llama already uses the half-split rotary layout megatron uses. Qwen3's per-head
+`self_attn.q_norm` / `k_norm` weights are megatron-core's `self_attention.q_layernorm` /
+`k_layernorm` (qk_layernorm), unchanged.
 
 Tensors pass through without dtype casts, so HF -> canonical -> HF is bit-exact. The `iter_*`
 generators take tensors one at a time through `get(name)`, so a streaming converter never holds
@@ -16,10 +18,14 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
-from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
-_CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+_CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "mistral": "MistralForCausalLM"}
+# HF q/k norm names -> canonical (megatron-core qk_layernorm) names, in both directions.
+_QK_NORMS = (("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+             ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"))
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # HF keys that carry no weights of their own: rotary buffers saved by old transformers versions.
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -57,7 +63,7 @@ def _rope_from_hf(cfg: PretrainedConfig) -> tuple[float, dict | None]:
 
 
 def model_config_from_hf(hf_config: PretrainedConfig) -> dict:
-    """meshtron's `model` config section from a transformers Llama/Qwen2/Mistral config.
+    """meshtron's `model` config section from a transformers Llama/Qwen2/Qwen3/Mistral config.
 
     Mistral's `sliding_window` is carried as `sliding_window`: meshtron attends over the full
     context, which equals sliding-window attention for sequences no longer than the window, and
@@ -71,12 +77,12 @@ def model_config_from_hf(hf_config: PretrainedConfig) -> dict:
         raise ValueError(f"hidden_act={c.hidden_act!r} is not supported; meshtron's MLP is SwiGLU (silu)")
     if getattr(c, "mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported; the canonical MLP has no biases")
-    if arch == "llama" and getattr(c, "attention_bias", False):
-        # HF Llama's attention_bias also adds an o_proj bias, which linear_proj has no room for.
-        raise ValueError("llama with attention_bias=True (q/k/v and o_proj biases) is not supported; "
+    if arch in ("llama", "qwen3") and getattr(c, "attention_bias", False):
+        # HF Llama's and Qwen3's attention_bias also adds an o_proj bias, which linear_proj has no room for.
+        raise ValueError(f"{arch} with attention_bias=True (q/k/v and o_proj biases) is not supported; "
                          "for q/k/v biases only use a qwen2 config")
-    if arch == "qwen2" and getattr(c, "use_sliding_window", False):
-        raise ValueError("qwen2 use_sliding_window=True is not supported; set it to False")
+    if arch in ("qwen2", "qwen3") and getattr(c, "use_sliding_window", False):
+        raise ValueError(f"{arch} use_sliding_window=True is not supported; set it to False")
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None)
     theta, scaling = _rope_from_hf(c)
@@ -97,6 +103,8 @@ def model_config_from_hf(hf_config: PretrainedConfig) -> dict:
         "tie_word_embeddings": bool(c.tie_word_embeddings),
         "max_position_embeddings": c.max_position_embeddings,
         **({"sliding_window": int(window)} if window else {}),
+        # only when on: model configs written before Qwen3 have no such key
+        **({"qk_layernorm": True} if arch == "qwen3" else {}),
     }
 
 
@@ -111,7 +119,10 @@ def hf_config_from_model_config(model: dict, torch_dtype: str = "float32") -> Pr
         raise ValueError(f"arch {arch!r} is not supported; use one of {sorted(_CONFIG_CLASSES)}")
     if model["add_qkv_bias"] != (arch == "qwen2"):
         raise ValueError(f"add_qkv_bias={model['add_qkv_bias']} cannot be expressed as a {arch} HF config; "
-                         "HF qwen2 always has q/k/v biases, llama and mistral (here) never")
+                         "HF qwen2 always has q/k/v biases, llama, qwen3 and mistral (here) never")
+    if bool(model.get("qk_layernorm")) != (arch == "qwen3"):
+        raise ValueError(f"qk_layernorm={bool(model.get('qk_layernorm'))} cannot be expressed as a {arch} HF "
+                         "config; HF qwen3 always normalises q and k per head, the other families never")
     rope = {"rope_type": "default", "rope_theta": float(model["rotary_base"])}
     if model.get("rope_scaling"):
         rope.update(model["rope_scaling"])
@@ -130,13 +141,13 @@ def hf_config_from_model_config(model: dict, torch_dtype: str = "float32") -> Pr
         dtype=torch_dtype,
         architectures=[_ARCHITECTURES[arch]],
     )
-    if model.get("kv_channels"):
-        kwargs["head_dim"] = model["kv_channels"]
-    if arch == "llama":
+    if model.get("kv_channels") or arch == "qwen3":  # Qwen3Config's head_dim defaults to 128
+        kwargs["head_dim"] = model.get("kv_channels") or model["hidden_size"] // model["num_attention_heads"]
+    if arch in ("llama", "qwen3"):
         kwargs["attention_bias"] = False
-    elif arch == "mistral":
+    if arch == "mistral":
         kwargs["sliding_window"] = model.get("sliding_window")  # kept: training refused seq_len above it
-    else:
+    elif arch != "llama":
         kwargs["use_sliding_window"] = False
     return _CONFIG_CLASSES[arch](**kwargs)
 
@@ -223,6 +234,8 @@ def iter_hf_to_canonical(get: Getter, model: dict, padded_vocab: int) -> Iterato
         for s in suffixes:
             q, k, v = (get(f"{hf}self_attn.{p}_proj.{s}") for p in "qkv")
             yield f"{mc}self_attention.linear_qkv.{s}", interleave_qkv(q, k, v, nq, ng, d)
+        if model.get("qk_layernorm"):
+            yield from ((mc + ours, get(hf + theirs)) for theirs, ours in _QK_NORMS)
         yield mc + "self_attention.linear_proj.weight", get(hf + "self_attn.o_proj.weight")
         yield mc + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight")
         fc1 = torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
@@ -259,6 +272,8 @@ def iter_canonical_to_hf_part(get: Getter, model: dict, layers: range, first: bo
             yield from ((f"{hf}self_attn.{p}_proj.{s}", qkv[s][j]) for s in suffixes)
         del qkv
         yield hf + "self_attn.o_proj.weight", get(mc + "self_attention.linear_proj.weight")
+        if model.get("qk_layernorm"):  # HF order: q_norm, k_norm after o_proj
+            yield from ((hf + theirs, get(mc + ours)) for theirs, ours in _QK_NORMS)
         fc1 = get(mc + "mlp.linear_fc1.weight")
         if fc1.shape[0] != 2 * ffn:
             raise ValueError(f"{mc}mlp.linear_fc1.weight has {fc1.shape[0]} rows; expected 2*ffn={2 * ffn}")

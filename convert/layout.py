@@ -66,6 +66,7 @@ def canonical_shape(name: str, model: dict, padded_vocab: int) -> tuple[int, ...
               "self_attention.linear_qkv.weight": ((nq + 2 * ng) * d, h),
               "self_attention.linear_qkv.bias": ((nq + 2 * ng) * d,),
               "self_attention.linear_proj.weight": (h, nq * d),
+              "self_attention.q_layernorm.weight": (d,), "self_attention.k_layernorm.weight": (d,),
               "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f)}
     if rest not in shapes:
         raise ValueError(f"{name!r} is not a canonical tensor name")

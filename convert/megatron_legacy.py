@@ -231,6 +231,7 @@ def megatron_args(model: dict, tp: int, pp: int, vpp: int, lps: list[int], padde
         use_rope_scaling=rope is not None, rope_scaling_factor=float(rope["factor"]) if rope else 8.0,
         normalization="RMSNorm", norm_epsilon=model["norm_epsilon"], apply_layernorm_1p=False,
         swiglu=True, squared_relu=False, add_bias_linear=False, add_qkv_bias=model["add_qkv_bias"],
+        qk_layernorm=bool(model.get("qk_layernorm")),  # Megatron-LM's --qk-layernorm
         untie_embeddings_and_output_weights=not model["tie_word_embeddings"],
         attention_dropout=0.0, hidden_dropout=0.0,  # meshtron trains without dropout
         init_method_std=model.get("init_method_std", 0.02),
@@ -315,8 +316,9 @@ def model_config_from_args(args: Namespace) -> dict:
     if rope is None and getattr(args, "use_rope_scaling", False):
         rope = {**_MCORE_LLAMA3, "factor": float(args.rope_scaling_factor)}
     qkv_bias = bool(getattr(args, "add_qkv_bias", False))
+    qk_norm = bool(getattr(args, "qk_layernorm", False))
     return {
-        "arch": getattr(args, "meshtron_arch", None) or ("qwen2" if qkv_bias else "llama"),
+        "arch": getattr(args, "meshtron_arch", None) or ("qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"),
         "num_layers": args.num_layers, "hidden_size": hidden, "ffn_hidden_size": args.ffn_hidden_size,
         "num_attention_heads": heads, "num_query_groups": groups or heads,
         "kv_channels": None if kv in (None, hidden // heads) else kv,
@@ -328,6 +330,7 @@ def model_config_from_args(args: Namespace) -> dict:
         "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),
         "max_position_embeddings": args.max_position_embeddings,
         "init_method_std": float(getattr(args, "init_method_std", 0.02)),
+        **({"qk_layernorm": True} if qk_norm else {}),  # (no key when off, as model_config_from_hf)
     }
 
 

@@ -5,7 +5,8 @@ Loading (``model.load``, and the weights of a resume): every rank asks the check
 rectangles of the global tensors it holds — its tp shard of its pipeline layers, only its dim-0
 shard under FSDP2 — and reads them straight into its parameters: torch_dist through DCP chunk
 reads (convert/dcp_io.py), the legacy format from its per-(tp, pp) files mapped with mmap
-(convert/legacy_source.py). Vocabulary rows past ``vocab_size`` are zeros, whatever tp padded
+(convert/legacy_source.py), a Hugging Face model directory through safetensors slices
+(convert/hf_source.py). Vocabulary rows past ``vocab_size`` are zeros, whatever tp padded
 them for in the checkpoint; the last stage's tied copy (``output_layer.weight``) reads the
 embedding's key.
 
@@ -28,12 +29,14 @@ from convert.layout import VOCAB_KEYS, Placement, Request, clip_rows, row_range
 # model config fields that define the architecture (the rest is bookkeeping or init)
 ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "num_query_groups", "kv_channels", "vocab_size", "norm_epsilon", "rotary_base",
-               "rope_scaling", "add_qkv_bias", "tie_word_embeddings")
+               "rope_scaling", "add_qkv_bias", "tie_word_embeddings", "qk_layernorm")
 
 
 def check_model_matches(saved: dict, cfg_model, path: str) -> None:
     """The run's model section must describe the checkpoint's architecture."""
     ours = dataclasses.asdict(cfg_model)
+    # a field newer than the checkpoint (qk_layernorm) is absent from it: its default applies
+    saved = {"qk_layernorm": False, **saved}
     diff = {k: (ours[k], saved.get(k)) for k in ARCH_FIELDS if _norm(ours[k]) != _norm(saved.get(k))}
     if diff:
         fix = ", ".join(f"model.{k}={v[1]!r}" for k, v in diff.items())
@@ -116,9 +119,15 @@ def weight_requests(model, source) -> list[Request]:
 
 def load_weights(model, path: str, source=None) -> None:
     """Copy what this rank holds of every parameter of ``model`` (a GPTModel or a ModuleList of
-    chunks) from the checkpoint at ``path`` (either format, any mesh it was saved at)."""
+    chunks) from the checkpoint at ``path`` (either format, any mesh it was saved at), or from the
+    Hugging Face model directory at ``path`` (its safetensors sliced per rank, convert/hf_source.py)."""
     from convert.megatron_io import open_megatron
+    from engine.config.hf_model import is_hf_model_dir
 
+    if source is None and is_hf_model_dir(path):
+        from convert.hf_source import HFSource
+
+        source = HFSource(path)
     source = source or open_megatron(path)
     check_model_matches(source.model, model_chunks(model)[0].cfg, path)
     with torch.no_grad():

@@ -164,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"meshtron-train: error: {e}", file=sys.stderr)
         return 2
+    from engine.data.records import DataError
+
+    try:  # the data first: a bad file is one error on every rank, before any rendezvous
+        from engine.train import build_dataset
+
+        dataset = build_dataset(cfg)
+    except DataError as e:
+        if rank == 0:
+            print(f"meshtron-train: error: {e}", file=sys.stderr)
+        return 2
     watchdog, bad_input = None, _bad_input_errors()
     try:
         from engine.train import train
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mesh = init_mesh(cfg)
         watchdog = Watchdog(rank, cfg.dist.abort_poll_s).start()
-        train(cfg, mesh)
+        train(cfg, mesh, dataset)
     except BaseException as e:  # noqa: BLE001 - any failure must end this rank now, not hang the others
         from engine.watchdog import last_line
 

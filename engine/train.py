@@ -7,7 +7,6 @@ and the step alone, so every mesh trains on the same data.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -17,6 +16,7 @@ from engine.checkpoint import export_hf, load_weights
 from engine.metrics import RunLogger
 from engine.resume import find_resume, load_training_checkpoint, prepare_checkpoint_dir, save_training_checkpoint
 from engine.data.packing import PackedBatch, concat, valid_tokens
+from engine.data.prefetch import StepPrefetcher
 from engine.data.synthetic import SyntheticDocuments, SyntheticSequences
 from engine.model.gpt import GPTModel, init_canonical
 from engine.model.sharding import stage_layers
@@ -60,33 +60,27 @@ def build_model(cfg, mesh, core_attention=None) -> torch.nn.ModuleList:
 
 
 def build_dataset(cfg):
-    """Packed sequences of ``data.seq_len`` tokens: generated, or SFT records from files."""
+    """The run's dataset: generated sequences, or ``data.path`` read as ``data.format`` says
+    (engine/data/formats.py). Built before any process group (the CLI calls it first), so bad
+    data is one error naming the file and the record, not a rank failing mid-rendezvous."""
     d = cfg.data
     if d.source == "synthetic" and not d.pack:
         return SyntheticDocuments(cfg.model.vocab_size, d.min_doc_len, d.max_doc_len, cfg.train.seed)
     if d.source == "synthetic":
         return SyntheticSequences(cfg.model.vocab_size, d.seq_len, d.min_doc_len, d.max_doc_len, cfg.train.seed)
-    from engine.data.sft import PreferenceDataset, SFTDataset
+    from engine.data.formats import build_file_dataset
 
-    if cfg.recipe == "dpo":  # one pair per sequence: chosen and rejected, each at most half of it
-        from engine.recipes.dpo import PairSequences
-
-        fmt = "auto" if d.format in ("auto", "preference") else {"messages": "openai"}.get(d.format, d.format)
-        pairs = PreferenceDataset(d.path, load_tokenizer(cfg), d.seq_len // 2, cfg.train.seed, format=fmt,
-                                  skip_bad_records=d.skip_bad_records, overflow=d.overflow)
-        return PairSequences(pairs, d.seq_len)
-    if d.format == "preference":
-        raise ValueError("data.format=preference is DPO data; SFT needs alpaca, sharegpt or messages records")
-    fmt = {"messages": "openai"}.get(d.format, d.format)
-    return SFTDataset(d.path, load_tokenizer(cfg), d.seq_len, cfg.train.seed, format=fmt,
-                      skip_bad_records=d.skip_bad_records, overflow=d.overflow, pack=d.pack)
+    return build_file_dataset(cfg, lambda: load_tokenizer(cfg))
 
 
 def load_tokenizer(cfg):
-    """The run's tokenizer: ``data.tokenizer``, else the hf/ folder of the loaded checkpoint."""
+    """The run's tokenizer: ``data.tokenizer``, else a Hugging Face ``model.load`` itself, else the
+    hf/ folder of the loaded checkpoint."""
     from transformers import AutoTokenizer
 
-    path = cfg.data.tokenizer or os.path.join(cfg.model.load, "hf")
+    from engine.config.hf_model import tokenizer_dir
+
+    path = tokenizer_dir(cfg)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if len(tok) > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer at {path} has {len(tok)} tokens but model.vocab_size="
@@ -183,6 +177,18 @@ def unit_lengths(num_tokens: int, k: int, model_cfg, multiple: int, partition: s
                              vocab=m.vocab_size)
 
 
+def host_step(dataset, step: int, cfg, mesh) -> tuple[list, int | None, int]:
+    """Everything of ``step`` built on the host, ahead of time (engine/data/prefetch.py): this
+    rank's micro-batches, the step's global loss-token count (None for DPO, which counts pairs)
+    and its token count."""
+    if cfg.recipe == "dpo":
+        from engine.recipes.dpo import dpo_micro_batches
+
+        return dpo_micro_batches(dataset, step, cfg, mesh, device="cpu"), None, step_tokens(dataset, step, cfg)
+    return (host_micro_batches(dataset, step, cfg, mesh), step_valid_tokens(dataset, step, cfg),
+            step_tokens(dataset, step, cfg))
+
+
 def step_tokens(dataset, step: int, cfg) -> int:
     """Every token of the step's sequences (packed: gbs × seq_len; unpacked: their lengths)."""
     gbs = cfg.train.global_batch_size
@@ -201,7 +207,9 @@ def finish(model, opt, mesh, cfg) -> None:
         if where:
             print(f"saved checkpoint {where}", flush=True)
     if ck.export_hf:
-        tokenizer = cfg.data.tokenizer or (os.path.join(cfg.model.load, "hf") if cfg.model.load else None)
+        from engine.config.hf_model import tokenizer_dir
+
+        tokenizer = tokenizer_dir(cfg)
         # streamed tensor by tensor, each stage writing its own (FSDP2's shards gathered one at a time)
         export_hf(model, mesh, ck.export_hf, tokenizer_from=tokenizer,
                   dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32)
@@ -240,15 +248,16 @@ def read_logged(values: dict) -> dict:
     return {**values, **dict(zip(keys, host))}
 
 
-def train(cfg, mesh) -> list[dict]:
-    """Run ``cfg.train.steps`` optimizer steps; returns the metrics rows (on every rank)."""
+def train(cfg, mesh, dataset=None) -> list[dict]:
+    """Run ``cfg.train.steps`` optimizer steps; returns the metrics rows (on every rank).
+    ``dataset``: :func:`build_dataset`'s, when the caller built it (before the process group)."""
     torch.manual_seed(cfg.train.seed)
     flex = None
     if cfg.parallel.sp_mode == "flexsp":
         from engine.flexsp.runtime import FlexSPRuntime
 
         flex = FlexSPRuntime(cfg, mesh)
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg) if dataset is None else dataset
     reference = reference_logps = None
     if cfg.recipe == "dpo" and cfg.dpo.precompute_reference:
         # before the policy exists, so the pass's reference model is the only model in memory;
@@ -276,6 +285,8 @@ def train(cfg, mesh) -> list[dict]:
                     run_config=config_to_dict(cfg))
     rows, start, bad, skipped = [], time.perf_counter(), 0, 0
     ck = cfg.checkpoint
+    prefetch = None if flex is not None else StepPrefetcher(lambda s: host_step(dataset, s, cfg, mesh),
+                                                            first_step, cfg.train.steps)
     for step in range(first_step, cfg.train.steps):
         t0 = time.perf_counter()
         faults.at_step_start(step, mesh.rank)
@@ -285,10 +296,9 @@ def train(cfg, mesh) -> list[dict]:
         # collectives in the same order), so the NaN is in what is reduced
         poisoned = any(faults.active("nan", step, r) for r in range(mesh.layout.world_size))
         grad_sync = None if poisoned else opt.grad_sync
+        host, num_valid, all_tokens = prefetch.get(step) if prefetch is not None else (None, None, None)
         if cfg.recipe == "dpo":
-            from engine.recipes.dpo import dpo_micro_batches
-
-            micro_batches = dpo_micro_batches(dataset, step, cfg, mesh)
+            micro_batches = [mb.to(mesh.device) for mb in host]
             if reference_logps is not None:  # the step's pairs' precomputed sums: no reference forward
                 reference_logps.attach(micro_batches, step)
             loss, num_tokens, extra = dpo_forward_backward(model, reference, micro_batches, mesh, cfg,
@@ -299,9 +309,8 @@ def train(cfg, mesh) -> list[dict]:
             extra = {"flexsp_micro_batches": len(plan.micro_batches),
                      "flexsp_groups": [[g.size for g in mb] for mb in plan.micro_batches]}
         else:
-            loss, num_tokens = forward_backward(model, rank_micro_batches(dataset, step, cfg, mesh), mesh,
-                                                cfg.parallel, num_valid=step_valid_tokens(dataset, step, cfg),
-                                                grad_sync=grad_sync)
+            loss, num_tokens = forward_backward(model, batches_to(host, mesh.device), mesh, cfg.parallel,
+                                                num_valid=num_valid, grad_sync=grad_sync)
         faults.poison_gradients(model.parameters(), step, mesh.rank)
         stats = opt.step(loss)  # a device loss: read with the grad norm for the NaN/Inf check
         if "loss" in stats:
@@ -315,7 +324,7 @@ def train(cfg, mesh) -> list[dict]:
         row = {"step": step, "loss": loss, **stats, "skipped_steps": skipped, **logged, "num_tokens": num_tokens,
                "time_s": dt,
                # throughput counts every token of the step's sequences (loss tokens are num_tokens)
-               "tokens_per_s": step_tokens(dataset, step, cfg) / dt}
+               "tokens_per_s": (all_tokens if all_tokens is not None else step_tokens(dataset, step, cfg)) / dt}
         rows.append(row)
         log.log(row, echo=step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1 or bool(bad))
         if bad and mesh.rank == 0:
@@ -323,6 +332,8 @@ def train(cfg, mesh) -> list[dict]:
                   f"(no update; {bad} in a row, {skipped} in this run)", flush=True)
         if cfg.train.max_bad_steps and bad >= cfg.train.max_bad_steps:
             log.close()
+            if prefetch is not None:
+                prefetch.close()
             raise NonFiniteTraining(f"stopping at step {step}: the last {bad} steps (train.max_bad_steps="
                                     f"{cfg.train.max_bad_steps}) had a NaN/Inf loss or gradient and were skipped; "
                                     f"the weights are those after step {step - bad} — lower optim.lr, check the "
@@ -332,6 +343,8 @@ def train(cfg, mesh) -> list[dict]:
     log.close()
     if flex is not None:
         flex.close()
+    if prefetch is not None:
+        prefetch.close()
     finish(model, opt, mesh, cfg)
     if mesh.rank == 0 and rows:
         elapsed = time.perf_counter() - start

@@ -12,10 +12,8 @@ tests/test_checkpoint_shards.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-from functools import partial
 
 import pytest
 import torch

@@ -277,8 +277,8 @@ def test_valid_config_resolves_dp():
     (["parallel.order=tp,cp,dp,pp"], 1, "parallel.order='tp,cp,dp,pp' must name each of tp, cp, "
                                         "dp, pp once, joined by '-', innermost first, e.g. "
                                         "'tp-cp-dp-pp'"),
-    (["model.arch=gpt"], 1, "model.arch='gpt' is not supported; use model.arch=llama, qwen2 or "
-                            "mistral"),
+    (["model.arch=gpt"], 1, "model.arch='gpt' is not supported; use model.arch=llama, qwen2, qwen3 "
+                            "or mistral"),
     (["dist.backend=mpi"], 1, "dist.backend='mpi' is not supported; use dist.backend=auto, gloo "
                               "or nccl"),
     (["data.source=hf"], 1, "data.source='hf' is not supported; use data.source=synthetic or files"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from engine.config import load_config, validate
 from engine.plan import simulate
-from engine.plan.devices import ALLOCATOR_FRAGMENTATION, DEVICES, GIB, usable_bytes
+from engine.plan.devices import ALLOCATOR_FRAGMENTATION, GIB, usable_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -15,8 +15,9 @@ _POSITIVE = ("model.norm_epsilon", "model.rotary_base", "model.init_method_std",
 _NON_NEGATIVE = ("train.max_bad_steps", "train.loss_chunk_tokens", "train.offload_keep_layers", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_grad",
                  "hardware.gpus", "hardware.gpu_memory_gb", "hardware.host_memory_gb",
                  "checkpoint.every", "checkpoint.keep")
-_CHOICES = {"recipe": ("sft", "dpo"), "dpo.loss_type": ("sigmoid", "ipo", "hinge"), "model.arch": ("llama", "qwen2", "mistral"), "data.source": ("synthetic", "files"),
-            "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference"),
+_CHOICES = {"recipe": ("sft", "dpo", "pretrain"), "dpo.loss_type": ("sigmoid", "ipo", "hinge"), "model.arch": ("llama", "qwen2", "qwen3", "mistral"), "data.source": ("synthetic", "files"),
+            "data.format": ("auto", "alpaca", "sharegpt", "messages", "preference", "megatron", "tokenized",
+                            "text", "hf"),
             "data.overflow": ("error", "truncate", "drop"),
             "parallel.placement": ("head-first", "context-first"),
             "parallel.sp_mode": ("ring", "ulysses", "hybrid", "flexsp"),
@@ -163,6 +164,10 @@ def _check_model(m: ModelConfig, p: ParallelConfig) -> None:
     if p.pp > m.num_layers:
         raise ConfigError(f"parallel.pp={p.pp} is more than model.num_layers={m.num_layers}; use "
                           f"pp <= {m.num_layers}")
+    if m.arch == "qwen3" and (not m.qk_layernorm or m.add_qkv_bias):
+        raise ConfigError(f"model.arch=qwen3 normalises q and k per head and has no q/k/v bias (got "
+                          f"qk_layernorm={m.qk_layernorm}, add_qkv_bias={m.add_qkv_bias}); set "
+                          f"model.qk_layernorm=true and model.add_qkv_bias=false")
     if m.kv_channels is None and m.hidden_size % heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                           f"model.num_attention_heads={heads}; set model.kv_channels or use "
@@ -266,26 +271,59 @@ def _check_paths(cfg: Config, files: bool = True) -> None:
         return
     if cfg.model.load is not None and not os.path.isdir(cfg.model.load):
         raise ConfigError(f"model.load={cfg.model.load} does not exist; give a Megatron checkpoint directory "
-                          f"(convert a Hugging Face model with meshtron-convert hf-to-megatron)")
+                          f"or a Hugging Face model directory (config.json and safetensors weights)")
     if cfg.recipe == "dpo" and cfg.data.source != "files":
         raise ConfigError("recipe=dpo needs preference records: set data.source=files and data.path")
     if cfg.data.source == "files":
-        import glob
-
-        paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
-        if cfg.data.path is None:
-            raise ConfigError("data.source=files needs data.path (a file, a glob or a list)")
-        missing = [p for p in paths if not glob.glob(str(p))]
-        if missing:
-            raise ConfigError(f"data.path: nothing matches {missing}")
-        tok = cfg.data.tokenizer or (os.path.join(cfg.model.load, "hf") if cfg.model.load else None)
-        if tok is None or not os.path.isdir(tok):
-            raise ConfigError(f"data.tokenizer={tok} is not a directory; give a Hugging Face tokenizer "
-                              f"directory (or model.load of a converted checkpoint, whose hf/ folder has one)")
+        _check_data_files(cfg)
     resume = cfg.train.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         raise ConfigError(f"train.resume={resume} does not exist; use auto, none or a checkpoint directory")
     _check_logging_packages(cfg)
+
+
+def _check_data_files(cfg: Config) -> None:
+    """``data.path`` exists (a Megatron prefix: its .bin and .idx) and a tokenizer is there when
+    the format needs one (token formats other than text need none)."""
+    import glob
+    import os
+
+    d = cfg.data
+    if d.path is None:
+        raise ConfigError("data.source=files needs data.path (a file, a glob or a list)")
+    if cfg.recipe == "pretrain" and d.format in ("auto", "alpaca", "sharegpt", "messages", "preference"):
+        raise ConfigError(f"recipe=pretrain reads a token stream; data.format={d.format} is conversation "
+                          f"records — use data.format megatron, tokenized, text or hf")
+    if d.format == "megatron":
+        from engine.data.indexed import parse_blend
+
+        try:
+            prefixes, _ = parse_blend(d.path)
+        except ValueError as e:
+            raise ConfigError(f"data.path: {e}") from None
+        for prefix in prefixes:
+            missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise ConfigError(f"data.path: no Megatron indexed dataset at prefix {prefix!r} (missing "
+                                  f"{', '.join(missing)}); give the prefix without .bin/.idx, e.g. "
+                                  f"corpus_text_document")
+        return
+    paths = d.path if isinstance(d.path, list) else [d.path]
+    missing = [p for p in paths if not glob.glob(str(p))]
+    if missing:
+        raise ConfigError(f"data.path: nothing matches {missing}")
+    if d.format == "tokenized" or (d.format == "hf" and cfg.recipe == "pretrain"):
+        return  # token ids as given (an hf directory of text finds out when it reads its columns)
+    from engine.config.hf_model import has_tokenizer_files, is_hf_model_dir, tokenizer_dir
+
+    tok = tokenizer_dir(cfg)
+    if tok is None or not os.path.isdir(tok):
+        raise ConfigError(f"data.tokenizer={tok} is not a directory; give a Hugging Face tokenizer "
+                          f"directory (or model.load of a converted checkpoint, whose hf/ folder has one, "
+                          f"or of a Hugging Face model directory with its tokenizer files)")
+    if tok == cfg.model.load and is_hf_model_dir(tok) and not has_tokenizer_files(tok):
+        raise ConfigError(f"model.load={tok} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                          f"...) to default data.tokenizer to; set data.tokenizer to the model's tokenizer")
 
 
 def _check_logging_packages(cfg: Config) -> None:

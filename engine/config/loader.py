@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from engine.config.hf_model import with_hf_model
 from engine.config.schema import Config, ConfigError
 
 def _lf_mode(raw: dict, value: Any) -> None:
@@ -79,7 +80,8 @@ _Loader.add_implicit_resolver(
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
-    """Read the YAML at `path` (None: defaults), apply `section.key=value` overrides, type-check."""
+    """Read the YAML at `path` (None: defaults), apply `section.key=value` overrides, type-check;
+    a model.load of a Hugging Face directory fills the model section from its config.json."""
     raw = _read_yaml(path) if path is not None else {}
     _move_aliases(raw, {k: raw.pop(k) for k in list(raw) if k in ALIASES}, raw, f"in {path}")
     pairs = [_parse_override(text) for text in overrides]
@@ -92,7 +94,8 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     for key, value in pairs:
         if key not in ALIASES:
             _set(raw, key, value)
-    return _build(raw)
+    # model.load of a Hugging Face directory: the architecture is its config.json's
+    return with_hf_model(_build(raw), raw.get("model"))
 
 
 def _read_yaml(path: str) -> dict:

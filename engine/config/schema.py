@@ -10,7 +10,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "llama"
-    """Model family: "llama", "qwen2" or "mistral"."""
+    """Model family: "llama", "qwen2", "qwen3" or "mistral"."""
     num_layers: int = 2
     """Number of transformer layers."""
     hidden_size: int = 64
@@ -22,7 +22,8 @@ class ModelConfig:
     num_query_groups: int = 4
     """Number of key/value heads (GQA); equal to num_attention_heads for plain multi-head."""
     kv_channels: int | None = None
-    """Head dimension; None means hidden_size // num_attention_heads."""
+    """Head dimension (HF ``head_dim``); None means hidden_size // num_attention_heads. Qwen3 sets it
+    explicitly (128 for every size, which differs from hidden_size // heads for 0.6B and 4B)."""
     vocab_size: int = 512
     """Tokenizer vocabulary size (before padding)."""
     make_vocab_size_divisible_by: int = 128
@@ -36,6 +37,11 @@ class ModelConfig:
     original_max_position_embeddings}; None for plain RoPE."""
     add_qkv_bias: bool = False
     """Bias on the q, k, v projections (Qwen2 uses it)."""
+    qk_layernorm: bool = False
+    """RMSNorm (eps norm_epsilon, a weight of head_dim) on every query and key head after the QKV
+    projection and before RoPE (Qwen3; megatron-core's ``qk_layernorm``, weights
+    ``self_attention.q_layernorm.weight`` / ``k_layernorm.weight``, replicated over tp). Required by
+    arch "qwen3"; Hugging Face export writes it only as a qwen3 model."""
     tie_word_embeddings: bool = False
     """Share the input embedding with the output layer."""
     max_position_embeddings: int = 4096
@@ -187,11 +193,28 @@ class DataConfig:
     source: str = "synthetic"
     """Where sequences come from: "synthetic" (generated), or "files" (``data.path``)."""
     path: str | list | None = None
-    """Training data: a file, a glob or a list of them (JSON, JSONL, parquet)."""
+    """Training data: a file, a glob, a directory or a list of them (JSON, JSONL, parquet, a
+    ``datasets`` save_to_disk directory); with format=megatron an indexed-dataset prefix
+    (``corpus_text_document`` for its .bin/.idx) or a blend ``[0.3, prefixA, 0.7, prefixB]``."""
     format: str = "auto"
-    """Record format: "auto", "alpaca", "sharegpt", "messages" (OpenAI style) or "preference"."""
+    """Record format: conversations ("auto", "alpaca", "sharegpt", "messages" (OpenAI style)),
+    "preference" (DPO), or token data: "megatron" (indexed .bin/.idx, pretrain), "tokenized"
+    (records with input_ids and optionally labels or loss_mask, used as given), "text" (records
+    with a text field, pretrain) or "hf" (a save_to_disk directory; its columns decide).
+    engine/data/formats.py has the table."""
+    cross_document_attention: bool = False
+    """recipe=pretrain: false (default) keeps document boundaries — each document attends only
+    to itself and its positions restart (Megatron's --reset-attention-mask --reset-position-ids);
+    true trains on plain concatenation (one causal sequence across documents)."""
     tokenizer: str | None = None
     """Directory of a Hugging Face tokenizer (with a chat template); None = the checkpoint's hf/ folder."""
+    cache: bool = True
+    """Tokenize conversation and preference records once into a memory-mapped cache (keyed by the
+    files, the tokenizer and these settings; built in parallel by the ranks of a node) that every
+    later start reads; false tokenizes at every start (engine/data/cache.py)."""
+    cache_dir: str | None = None
+    """Where the data cache lives; None = $MESHTRON_CACHE_DIR/data or ~/.cache/meshtron/data.
+    Point it at a shared file system to build once for every node."""
     skip_bad_records: bool = False
     """Skip malformed records (and report how many) instead of stopping at the first one."""
     overflow: str = "error"
@@ -296,7 +319,8 @@ class HardwareConfig:
 @dataclass
 class Config:
     recipe: str = "sft"
-    """What to train: "sft" (token cross-entropy on the responses) or "dpo" (preference pairs)."""
+    """What to train: "sft" (token cross-entropy on the responses), "dpo" (preference pairs) or
+    "pretrain" (next-token loss on every token of a token stream packed into data.seq_len)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -6,6 +6,10 @@ file at a time; use JSONL or parquet for data sets that do not fit in memory. Ev
 a ``Location`` (file, offset, 1-based line or row) so a dataset can re-read it later without
 holding it, and every error names ``file:line``.
 
+A directory written by Hugging Face ``datasets.Dataset.save_to_disk`` (``state.json`` and Arrow
+stream files) is read as one source of rows, memory-mapped with pyarrow (``datasets`` itself is
+not needed); a row's location is its index.
+
 Normalised forms:
   conversation (SFT): ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
   preference:         ``{"prompt": messages, "chosen": str, "rejected": str}``
@@ -46,6 +50,11 @@ def expand_paths(path: str | os.PathLike | list) -> list[str]:
     if isinstance(path, (list, tuple)):
         return [f for p in path for f in expand_paths(p)]
     path = os.fspath(path)
+    if is_hf_dataset_dir(path):
+        return [path]
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        raise DataError(f"data.path {path!r} is a datasets.DatasetDict; give one split's directory "
+                        f"(e.g. {os.path.join(path, 'train')})")
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(EXTENSIONS))
     elif glob.has_magic(path):
@@ -55,11 +64,46 @@ def expand_paths(path: str | os.PathLike | list) -> list[str]:
     if not files:
         raise DataError(f"data.path {path!r} matches no files; give a file, a directory or a glob")
     for f in files:
+        if is_hf_dataset_dir(f):
+            continue
         if not f.endswith(EXTENSIONS):
             raise DataError(f"{f}: unknown file type; expected one of {', '.join(EXTENSIONS)}")
         if not os.path.isfile(f):
             raise DataError(f"{f}: no such file")
     return files
+
+
+def is_hf_dataset_dir(path: str) -> bool:
+    """A directory written by ``datasets.Dataset.save_to_disk``."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
+
+
+def hf_dataset_table(path: str):
+    """The rows of a ``save_to_disk`` directory as one memory-mapped pyarrow Table."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError(f"{path}: reading a Hugging Face dataset directory needs pyarrow; pip install pyarrow") from None
+    state_file = os.path.join(path, "state.json")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            files = [d["filename"] for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state_file}: not a datasets save_to_disk state ({e}); expected "
+                        f"{{'_data_files': [{{'filename': ...}}]}}") from None
+    tables = []
+    for name in files:
+        arrow = os.path.join(path, name)
+        try:
+            tables.append(pa.ipc.open_stream(pa.memory_map(arrow)).read_all())
+        except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
+            raise DataError(f"{arrow}: cannot read the Arrow stream ({e})") from None
+    if not tables:
+        raise DataError(f"{state_file}: lists no data files")
+    try:
+        return pa.concat_tables(tables)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: its Arrow files have different columns ({e})") from None
 
 
 class RecordSource:
@@ -74,6 +118,7 @@ class RecordSource:
         self.skip_bad_records = skip_bad_records
         self.num_skipped = 0
         self._json_cache: tuple[int, str] | None = None
+        self._hf_cache: tuple[int, object] | None = None
 
     def __iter__(self) -> Iterator[tuple[str, int, dict]]:
         """``(file, line_or_row, record)`` for every usable record."""
@@ -82,8 +127,9 @@ class RecordSource:
 
     def locate(self) -> Iterator[tuple[Location, dict]]:
         for fi, path in enumerate(self.files):
-            scan = {".json": self._scan_json, ".jsonl": self._scan_jsonl,
-                    ".parquet": self._scan_parquet}[os.path.splitext(path)[1]]
+            scan = self._scan_hf if is_hf_dataset_dir(path) else {
+                ".json": self._scan_json, ".jsonl": self._scan_jsonl,
+                ".parquet": self._scan_parquet}[os.path.splitext(path)[1]]
             for loc, rec in scan(fi, path):
                 if isinstance(rec, RecordError) or not isinstance(rec, dict):
                     why = rec if isinstance(rec, RecordError) else (
@@ -109,7 +155,11 @@ class RecordSource:
             by_file.setdefault(loc.file, []).append(k)
         for fi, ks in by_file.items():
             path = self.files[fi]
-            if path.endswith(".jsonl"):
+            if is_hf_dataset_dir(path):
+                table = self._hf_table(fi, path)
+                for k in ks:
+                    out[k] = table.slice(locations[k].offset, 1).to_pylist()[0]
+            elif path.endswith(".jsonl"):
                 with open(path, "rb") as f:
                     for k in ks:
                         f.seek(locations[k].offset)
@@ -193,6 +243,18 @@ class RecordSource:
                 raise fail("invalid JSON; expected ',' or ']' after a list element")
             new = _WS.match(text, pos + 1).end()
             line, pos = line + text.count("\n", pos, new), new
+
+    def _hf_table(self, fi, path):
+        if self._hf_cache is None or self._hf_cache[0] != fi:
+            self._hf_cache = (fi, hf_dataset_table(path))
+        return self._hf_cache[1]
+
+    def _scan_hf(self, fi, path):
+        row = 0
+        for batch in self._hf_table(fi, path).to_batches(max_chunksize=1024):
+            for rec in batch.to_pylist():
+                yield Location(fi, row, row + 1), rec
+                row += 1
 
     def _scan_parquet(self, fi, path):
         pf = _parquet_file(path)

@@ -15,9 +15,12 @@ documents never attend to each other (I-4), so bin composition does not change t
 """
 from __future__ import annotations
 
+import os
+import zipfile
 from array import array
 from collections import Counter
 
+import numpy as np
 import torch
 
 from engine.data.chat import encode_preference, encode_sft, loss_mask_from_response
@@ -130,35 +133,74 @@ class _RecordIndex:
         return out
 
 
-class SFTDataset(_RecordIndex):
-    """Packed SFT sequences of exactly ``cutoff_len`` tokens; ``sequence(i)`` for global index i.
-    With ``pack=False`` every sequence is one record (shuffled per epoch), unpadded."""
+class _Packed:
+    """Sequences of packed documents, from the documents' ``lengths``, loss-token counts
+    ``valid`` and ``load(records) -> [(ids, loss_mask)]`` (``document_arrays``' mask)."""
 
-    def __init__(self, paths, tokenizer, cutoff_len: int, seed: int, format: str = "auto",
-                 skip_bad_records: bool = False, overflow: str = "error", pack: bool = True):
-        super().__init__("sft", paths, tokenizer, cutoff_len, seed, format, skip_bad_records, overflow)
+    seed: int
+    cutoff_len: int
+    pack: bool
+    bins_dir: str | None = None  # where the data cache keeps each epoch's bins (first fit of 1M records: ~10 s)
+
+    def _init_packing(self, pack: bool) -> None:
         self.pack = pack
         self._epoch: tuple[int, list[list[int]]] | None = None
         self.sequences_per_epoch = len(self.bins(0))
 
     def bins(self, epoch: int) -> list[list[int]]:
-        """Record indices of each sequence of ``epoch``, in sequence order (cached per epoch)."""
+        """Record indices of each sequence of ``epoch``, in sequence order (cached per epoch, and
+        on disk beside the data cache when it has one)."""
         if self._epoch is None or self._epoch[0] != epoch:
-            gen = _generator(self.seed, epoch)
-            perm = torch.randperm(self.num_records, generator=gen)
-            if not self.pack:
-                self._epoch = (epoch, [[r] for r in perm.tolist()])
-                return self._epoch[1]
-            lengths = torch.as_tensor(self.lengths, dtype=torch.long)
-            order = perm[torch.argsort(-lengths[perm], stable=True)].tolist()
-            rank = torch.empty_like(perm)
-            rank[perm] = torch.arange(self.num_records)
-            rank = rank.tolist()
-            bins = [sorted((order[p] for p in b), key=rank.__getitem__)
-                    for b in first_fit([self.lengths[r] for r in order], self.cutoff_len)]
-            bins = [bins[k] for k in torch.randperm(len(bins), generator=gen).tolist()]
-            self._epoch = (epoch, bins)
+            saved = self._saved_bins(epoch)
+            if saved is not None:
+                self._epoch = (epoch, saved)
+                return saved
+            self._epoch = (epoch, self._compute_bins(epoch))
+            self._save_bins(epoch, self._epoch[1])
         return self._epoch[1]
+
+    def _bins_file(self, epoch: int) -> str | None:
+        if self.bins_dir is None:
+            return None
+        return os.path.join(self.bins_dir, f"bins-len{self.cutoff_len}-seed{self.seed}-pack{int(self.pack)}-e{epoch}.npz")
+
+    def _saved_bins(self, epoch: int) -> list[list[int]] | None:
+        path = self._bins_file(epoch)
+        try:
+            with np.load(path) as z:
+                flat, offsets = z["records"], z["offsets"]
+        except (TypeError, OSError, ValueError, KeyError, zipfile.BadZipFile):  # none yet, or damaged: recompute
+            return None
+        if len(flat) != self.num_records or offsets[-1] != len(flat):
+            return None
+        return [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def _save_bins(self, epoch: int, bins: list[list[int]]) -> None:
+        path = self._bins_file(epoch)
+        if path is None:
+            return
+        offsets = np.cumsum([0] + [len(b) for b in bins])
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        try:
+            np.savez(tmp, records=np.fromiter((r for b in bins for r in b), np.int64, int(offsets[-1])),
+                     offsets=offsets)
+            os.replace(tmp, path)  # ranks write the same bytes; the last rename wins
+        except OSError:
+            pass  # a read-only cache: recompute next time
+
+    def _compute_bins(self, epoch: int) -> list[list[int]]:
+        gen = _generator(self.seed, epoch)
+        perm = torch.randperm(self.num_records, generator=gen)
+        if not self.pack:
+            return [[r] for r in perm.tolist()]
+        lengths = torch.as_tensor(np.asarray(self.lengths, dtype=np.int64))
+        order = perm[torch.argsort(-lengths[perm], stable=True)].tolist()
+        rank = torch.empty_like(perm)
+        rank[perm] = torch.arange(self.num_records)
+        rank = rank.tolist()
+        bins = [sorted((order[p] for p in b), key=rank.__getitem__)
+                for b in first_fit([int(self.lengths[r]) for r in order], self.cutoff_len)]
+        return [bins[k] for k in torch.randperm(len(bins), generator=gen).tolist()]
 
     def sequence(self, index: int) -> PackedBatch:
         epoch, k = divmod(index, self.sequences_per_epoch)
@@ -170,14 +212,47 @@ class SFTDataset(_RecordIndex):
     def valid_tokens(self, index: int) -> int:
         """Loss tokens of sequence ``index`` without reading it (padding carries none)."""
         epoch, k = divmod(index, self.sequences_per_epoch)
-        return sum(self.valid[r] for r in self.bins(epoch)[k])
+        return sum(int(self.valid[r]) for r in self.bins(epoch)[k])
 
     def length(self, index: int) -> int:
         """Tokens of sequence ``index`` without reading it."""
         if self.pack:
             return self.cutoff_len
         epoch, k = divmod(index, self.sequences_per_epoch)
-        return sum(self.lengths[r] for r in self.bins(epoch)[k])
+        return sum(int(self.lengths[r]) for r in self.bins(epoch)[k])
+
+
+class SFTDataset(_RecordIndex, _Packed):
+    """Packed SFT sequences of exactly ``cutoff_len`` tokens; ``sequence(i)`` for global index i.
+    With ``pack=False`` every sequence is one record (shuffled per epoch), unpadded."""
+
+    def __init__(self, paths, tokenizer, cutoff_len: int, seed: int, format: str = "auto",
+                 skip_bad_records: bool = False, overflow: str = "error", pack: bool = True):
+        super().__init__("sft", paths, tokenizer, cutoff_len, seed, format, skip_bad_records, overflow)
+        self._init_packing(pack)
+
+
+class TokenizedSFTDataset(_Packed):
+    """SFT over already tokenized documents (a :class:`~engine.data.store.TokenStore` whose target
+    mask says which tokens carry a loss; none: every token), packed as :class:`SFTDataset` packs."""
+
+    def __init__(self, store, cutoff_len: int, seed: int, pack: bool = True, bins_dir: str | None = None):
+        self.store, self.cutoff_len, self.seed, self.bins_dir = store, cutoff_len, seed, bins_dir
+        self.lengths = store.lengths
+        self.num_records = store.num_documents
+        longest = int(self.lengths.max())
+        assert longest <= cutoff_len, (longest, cutoff_len)  # the reader applied data.overflow
+        self.valid = store.valid_counts()
+        self._init_packing(pack)
+
+    def load(self, records: list[int]) -> list:
+        out = []
+        for d in records:
+            ids = self.store.tokens(d).tolist()
+            targets = self.store.targets(d)
+            mask = None if targets is None else list(targets[1:]) + [False]
+            out.append((ids, mask))
+        return out
 
 
 class PreferenceDataset(_RecordIndex):
@@ -200,3 +275,26 @@ class PreferenceDataset(_RecordIndex):
         (prompt, chosen, rejected), = self.load([self.order(epoch)[k]])
         return tuple(document_arrays(prompt + r, loss_mask_from_response([False] * len(prompt) + [True] * len(r)))[:2]
                      for r in (chosen, rejected))
+
+
+class CachedPreferenceDataset(PreferenceDataset):
+    """:class:`PreferenceDataset` over the encoded records of the data cache (engine/data/cache.py):
+    the same pairs in the same order, read from memory-mapped prompt/chosen/rejected ids."""
+
+    def __init__(self, records, seed: int):
+        self.stores, self.seed, self._stats = records.stores, seed, records.stats
+        prompt, chosen, rejected = (self.stores[f].lengths for f in ("prompt", "chosen", "rejected"))
+        self.lengths = prompt + np.maximum(chosen, rejected)
+        self.pairs_per_epoch = self.num_records
+        self._perm = None
+
+    @property
+    def num_records(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def stats(self) -> dict:
+        return self._stats
+
+    def load(self, records: list[int]) -> list:
+        return [tuple(self.stores[f].tokens(r).tolist() for f in ("prompt", "chosen", "rejected")) for r in records]

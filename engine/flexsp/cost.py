@@ -113,7 +113,7 @@ def attention_flops_coef(m) -> float:
 def num_parameters(m, vocab: int) -> int:
     qkv = (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
     layer = (m.hidden_size * qkv + (qkv if m.add_qkv_bias else 0) + m.num_attention_heads * m.head_dim * m.hidden_size
-             + 3 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size)
+             + 3 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size + (2 * m.head_dim if m.qk_layernorm else 0))
     embed = vocab * m.hidden_size * (1 if m.tie_word_embeddings else 2)
     return m.num_layers * layer + embed + m.hidden_size
 

@@ -1,4 +1,4 @@
-"""Decoder-only GPT (Llama / Qwen2 / Mistral family) with megatron-core GPTModel names.
+"""Decoder-only GPT (Llama / Qwen2 / Qwen3 / Mistral family) with megatron-core GPTModel names.
 
 ``state_dict()`` keys are those of megatron-core's local spec (``embedding.word_embeddings.weight``,
 ``decoder.layers.{i}.self_attention.linear_qkv.weight``, …, ``output_layer.weight``) and each tensor

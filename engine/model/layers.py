@@ -1,13 +1,14 @@
-"""Transformer building blocks of the Llama / Qwen2 / Mistral family, megatron-core names.
+"""Transformer building blocks of the Llama / Qwen2 / Qwen3 / Mistral family, megatron-core names.
 
 Legend: T tokens of the micro-batch (all tp ranks), t = T/tp this rank's token slice under
 sequence parallelism, H query heads, G KV heads, D head dim, h hidden size, F ffn size (of this
 tp rank). Attention and MLP take ``x_th`` (a token slice) and return a token slice; inside, the
 column-parallel linears see all T tokens and a 1/tp share of the heads or features.
 
-RMSNorm, the QKV split with RoPE and SwiGLU are small autograd functions rather than chains of
-torch ops: each saves one tensor (or none) for backward where autograd would save three or four,
-and writes its gradient into one buffer instead of letting autograd sum zero-filled slices. What
+RMSNorm, the QKV split with RoPE (with Qwen3's q/k norms or without) and SwiGLU are small autograd
+functions rather than chains of torch ops: each saves one tensor (or none) for backward where
+autograd would save three or four, and writes its gradient into one buffer instead of letting
+autograd sum zero-filled slices. What
 a layer keeps for backward beyond that is decided by ``recompute`` (engine/model/recompute.py).
 """
 from __future__ import annotations
@@ -37,28 +38,41 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         out = torch.empty_like(x)
-        rstd = x.new_empty(x.shape[:-1] + (1,), dtype=torch.float32)
-        for s, e in _norm_blocks(x):
-            x32 = x[s:e].float()
-            rstd[s:e] = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
-            out[s:e] = weight * (x32 * rstd[s:e]).to(x.dtype)  # (x32 is x itself when x is fp32)
+        rstd = _rms_norm(x, weight, eps, out)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        blocks = _norm_blocks(x)
         dx = torch.empty_like(x)
-        dw = None
-        for s, e in blocks:
-            y32 = x[s:e].float() * rstd[s:e]
-            part = (grad[s:e] * y32.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
-            dw = part if len(blocks) == 1 else (part.float() if dw is None else dw.add_(part))
-            dy32 = (grad[s:e] * weight).float()
-            dot = (dy32 * y32).mean(-1, keepdim=True)
-            dx[s:e] = dy32.sub_(y32.mul_(dot)).mul_(rstd[s:e]).to(x.dtype)
-        return dx, dw.to(weight.dtype), None
+        return dx, _rms_norm_backward(x, weight, rstd, grad, dx), None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = weight · (x / rms(x))`` over the last dim (x and out may be strided views), in token
+    blocks; returns the fp32 ``rstd [.., 1]``."""
+    rstd = x.new_empty(x.shape[:-1] + (1,), dtype=torch.float32)
+    for s, e in _norm_blocks(x):
+        x32 = x[s:e].float()
+        rstd[s:e] = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
+        out[s:e] = weight * (x32 * rstd[s:e]).to(x.dtype)  # (x32 is x itself when x is fp32)
+    return rstd
+
+
+def _rms_norm_backward(x, weight, rstd, grad, dx) -> torch.Tensor:
+    """Writes the input gradient of :func:`_rms_norm` into ``dx`` (a view may be given); returns
+    the weight's gradient, summed over every leading dim (tokens, and heads for q/k norms)."""
+    blocks = _norm_blocks(x)
+    dw = None
+    for s, e in blocks:
+        y32 = x[s:e].float() * rstd[s:e]
+        part = (grad[s:e] * y32.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        dw = part if len(blocks) == 1 else (part.float() if dw is None else dw.add_(part))
+        dy32 = (grad[s:e] * weight).float()
+        dot = (dy32 * y32).mean(-1, keepdim=True)
+        dx[s:e] = dy32.sub_(y32.mul_(dot)).mul_(rstd[s:e]).to(x.dtype)
+    return dw.to(weight.dtype)
 
 
 NORM_BLOCK = 2**26
@@ -154,11 +168,58 @@ class _QKVRope(torch.autograd.Function):
         return dqkv.view(t, -1), None, None, None, None
 
 
+class _QKNormRope(torch.autograd.Function):
+    """:class:`_QKVRope` with Qwen3's per-head RMSNorm of q and k before the rotation (megatron-core's
+    ``qk_layernorm``; transformers' ``Qwen3Attention.q_norm`` / ``k_norm``): ``q = R(w_q · q̂)``,
+    q̂ = q / rms(q) over each head's D. Saves the ``linear_qkv`` output (the norms' inputs, read in
+    place) and the fp32 ``rstd`` of every q and k head; backward rotates the gradients back, runs the
+    norms' backward straight into ``dqkv`` and returns the weights' gradients summed over tokens and
+    this rank's heads (partial over tp: the reducer sums replicated weights over tp)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, q_weight, k_weight, eps: float, num_groups: int, head_dim: int):
+        t = qkv.shape[0]
+        x = qkv.view(t, num_groups, -1, head_dim)
+        per_group = x.shape[2] - 2
+        q = torch.empty((t, num_groups, per_group, head_dim), dtype=qkv.dtype, device=qkv.device)
+        k = torch.empty((t, num_groups, head_dim), dtype=qkv.dtype, device=qkv.device)
+        normed = torch.empty_like(q)
+        rstd_q = _rms_norm(x[:, :, :per_group], q_weight, eps, normed)
+        _rotate(normed, cos[:, None, None], sin[:, None, None], q)
+        normed = normed[:, :, 0]
+        rstd_k = _rms_norm(x[:, :, per_group], k_weight, eps, normed)
+        _rotate(normed, cos[:, None], sin[:, None], k)
+        v = x[:, :, per_group + 1].clone(memory_format=torch.contiguous_format)
+        ctx.save_for_backward(qkv, cos, sin, q_weight, k_weight, rstd_q, rstd_k)
+        ctx.dims = num_groups, head_dim
+        return q.view(t, num_groups * per_group, head_dim), k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        qkv, cos, sin, q_weight, k_weight, rstd_q, rstd_k = ctx.saved_tensors
+        num_groups, head_dim = ctx.dims
+        t = qkv.shape[0]
+        x = qkv.view(t, num_groups, -1, head_dim)
+        rows = x.shape[2]
+        dqkv = torch.empty(x.shape, dtype=dq.dtype, device=dq.device)
+        d_normed = torch.empty((t, num_groups, rows - 2, head_dim), dtype=dq.dtype, device=dq.device)
+        _rotate(dq.reshape(d_normed.shape), cos[:, None, None], sin[:, None, None], d_normed, True)
+        dw_q = _rms_norm_backward(x[:, :, :rows - 2], q_weight, rstd_q, d_normed, dqkv[:, :, :rows - 2])
+        d_normed = d_normed[:, :, 0]
+        _rotate(dk, cos[:, None], sin[:, None], d_normed, True)
+        dw_k = _rms_norm_backward(x[:, :, rows - 2], k_weight, rstd_k, d_normed, dqkv[:, :, rows - 2])
+        dqkv[:, :, rows - 1] = dv
+        return dqkv.view(t, -1), None, None, dw_q, dw_k, None, None, None
+
+
 class SelfAttention(nn.Module):
     """GQA self-attention: fused ``linear_qkv`` (rows grouped per KV group) and ``linear_proj``.
 
     ``core_attention(q_THD, k_TGD, v_TGD, batch) -> out_THD`` is the context-parallel mode (or
-    local attention when cp = 1); it sees this rank's heads and this cp rank's tokens.
+    local attention when cp = 1); it sees this rank's heads and this cp rank's tokens. With
+    ``qk_layernorm`` (Qwen3) q and k are RMS-normalised per head before RoPE, per token, so before
+    any context-parallel exchange; the norm weights ``[D]`` are replicated over tp and each tp rank
+    normalises only its own heads.
     """
 
     def __init__(self, cfg, mesh, dtype, core_attention=None, layer_id: int = 0):
@@ -173,6 +234,10 @@ class SelfAttention(nn.Module):
                                                bias=cfg.add_qkv_bias, dtype=dtype)
         self.linear_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
                                              tp_group, tp, dtype=dtype)
+        self.q_layernorm = self.k_layernorm = None
+        if cfg.qk_layernorm:
+            self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_epsilon, dtype)
+            self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_epsilon, dtype)
         self.core_attention = core_attention
 
     def forward(self, x_th: torch.Tensor, rope, batch) -> torch.Tensor:
@@ -182,7 +247,12 @@ class SelfAttention(nn.Module):
         """The attention output ``[T, H·D]`` before ``linear_proj``. ``region``: the recompute
         region this runs in (it replays the Seq1F1B cache and, for attention-cached, keeps or
         returns the attention's out and lse)."""
-        q, k, v = _QKVRope.apply(self.linear_qkv(x_th), *rope, self.num_groups, self.head_dim)
+        qkv = self.linear_qkv(x_th)
+        if self.q_layernorm is None:
+            q, k, v = _QKVRope.apply(qkv, *rope, self.num_groups, self.head_dim)
+        else:
+            q, k, v = _QKNormRope.apply(qkv, *rope, self.q_layernorm.weight, self.k_layernorm.weight,
+                                        self.q_layernorm.eps, self.num_groups, self.head_dim)
         keep = region if region is not None and region.keeps_attention else None
         cache = getattr(batch, "cache", None)
         # longest documents come with the batch as host ints (I-9: the kernels never read cu_seqlens)

@@ -5,7 +5,7 @@ padded for the target tp. Sharding is by name:
 
 * tp: ``tp_split(name) -> (dim, parts)`` — the dim split over tp ranks and how many logical blocks
   are split separately (2 for ``linear_fc1`` = [gate; up], so rank r holds [gate_r; up_r]);
-  ``None`` for replicated tensors (norms).
+  ``None`` for replicated tensors (norms, Qwen3's per-head q/k norms included).
 * pp (and virtual pp): ``stage_layers(num_layers, pp, vpp, layers_per_stage)`` gives the global
   layer range of every (virtual) stage; layer keys inside a stage are *local* (0 … n−1), as
   megatron-core numbers them in a state dict. The embedding lives on the first stage, the final
@@ -33,6 +33,8 @@ def canonical_names(model: dict) -> list[str]:
     layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
     if model["add_qkv_bias"]:
         layer.append("self_attention.linear_qkv.bias")
+    if model.get("qk_layernorm"):  # (absent from model configs written before Qwen3)
+        layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
     layer += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
               "mlp.linear_fc2.weight"]
     names = ["embedding.word_embeddings.weight"]

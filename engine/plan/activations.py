@@ -14,7 +14,8 @@ What a layer saves with ``recompute=none`` (engine/model/layers.py, engine/paral
   linear_proj's input: s·(2H + 2G)·d/tp, plus the fp32 lse 4H/tp. With Ulysses (hp > 1) the kernel
   saves the all-to-all outputs — q, k and v with KV heads replicated to g = max(G/tp, hp) — and
   its output in head layout, while linear_proj saves the output again in sequence layout:
-  s·(3H/tp + 2g)·d + 4H/tp;
+  s·(3H/tp + 2g)·d + 4H/tp. With Qwen3's q/k norms the QKV projection's output is kept for their
+  backward, s·(H + 2G)·d/tp, with an fp32 rstd per q and k head, 4(H + G)/tp;
 * the SwiGLU MLP: fc1's output [gate; up] (2f) and the product fc2 reads (f): 3s·f/tp.
 
 Recompute (``train.recompute``, engine/model/recompute.py), what a layer keeps per token:
@@ -54,7 +55,9 @@ def _attention(m, tp: int, hp: int, s: int) -> float:
     d, heads = m.head_dim, m.num_attention_heads / tp
     g = _kv_heads_per_rank(m, tp, hp)
     out = s * heads * d * (2 if hp > 1 else 1)  # head layout (kernel) + sequence layout (linear_proj)
-    return s * (heads + 2 * g) * d + out + 4 * heads
+    qk_norm = (s * (heads + 2 * m.num_query_groups / tp) * d + 4 * (heads + m.num_query_groups / tp)
+               if m.qk_layernorm else 0.0)
+    return s * (heads + 2 * g) * d + out + 4 * heads + qk_norm
 
 
 def _mlp(m, tp: int, s: int, tiles: int = 1) -> float:

@@ -6,8 +6,8 @@
     meshtron-plan --validate-360lf
     meshtron-plan --simulate configs/qwen2.5-72b-sft-128k.yaml [section.key=value ...] [--rank R ...] [--json]
 
-``--model`` is a known name (qwen2.5-7b/14b/72b, llama3-8b/70b, mistral-7b), a meshtron YAML or a
-Hugging Face config.json (or its folder). Memory is in GiB per rank: params, grads, optimizer
+``--model`` is a known name (qwen2.5-7b/14b/72b, qwen3-0.6b/1.7b/4b/8b/14b/32b, llama3-8b/70b,
+mistral-7b), a meshtron YAML or a Hugging Face config.json (or its folder). Memory is in GiB per rank: params, grads, optimizer
 (device part), saved activations, the loss working set, CP buffers, and fixed = CUDA context +
 NCCL + the allocator's fragmentation reserve (engine/plan/devices.py). ``--validate-360lf`` prints
 the model of 360-LLaMA-Factory's memory beside its published maxima (a report: exit 0). ``--simulate CONFIG`` runs the engine's own training step for
@@ -29,8 +29,8 @@ import sys
 from engine.plan import lf360
 from engine.plan.activations import RECOMPUTE
 from engine.plan.devices import ALLOCATOR_FRAGMENTATION, DEVICES, GIB
-from engine.plan.memory import COMPONENTS, Mesh, Run, rank_memory
-from engine.plan.models import resolve_model
+from engine.plan.memory import COMPONENTS, Mesh, Run
+from engine.plan.models import hf_param_count, resolve_model
 from engine.plan.search import mesh_problem, plan
 
 SHARDING = ("none", "zero1", "fsdp2")
@@ -122,6 +122,11 @@ def check_args(a) -> None:
         raise ValueError("--seq-chunks > 1 needs --pp-schedule seq1f1b")
 
 
+def _named(m) -> str:
+    """The model's name and its parameter count as published (Hugging Face's, unpadded vocabulary)."""
+    return f"{m.name} ({hf_param_count(m) / 1e9:.2f}B parameters)"
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:7.2f}"
 
@@ -145,7 +150,7 @@ def run_plan(a, m, base: Run) -> int:
             tried += n
             rows += [(c, recompute, sharding) for c in fits]
     rows.sort(key=lambda r: (r[0].time["total"], r[0].memory.total))
-    print(f"{m.name}: {a.recipe}, seq_len {base.seq_len}, {a.gpus} x {a.gpu_memory_gb:g} GiB ({a.gpu}), "
+    print(f"{_named(m)}: {a.recipe}, seq_len {base.seq_len}, {a.gpus} x {a.gpu_memory_gb:g} GiB ({a.gpu}), "
           f"{'fp32' if a.fp32 else 'bf16'}; {len(rows)} of {tried} (mesh, recompute, sharding) fit; "
           f"memory in GiB per rank, fastest first")
     if not rows:
@@ -171,7 +176,7 @@ def run_max_seq_len(a, m, base: Run) -> int:
         problem = mesh_problem(m, Mesh(*(pins[k] or 1 for k in ("tp", "cp", "hp", "pp"))), base, a.gpus_per_node)
         raise ValueError(problem or f"no mesh of {a.gpus} GPUs runs {m.name} with the pinned degrees")
     if not a.json:
-        print(f"{m.name}: {a.recipe}, {a.gpus} x {a.gpu_memory_gb:g} GiB ({a.gpu}), host {a.host_memory_gb:g} GiB "
+        print(f"{_named(m)}: {a.recipe}, {a.gpus} x {a.gpu_memory_gb:g} GiB ({a.gpu}), host {a.host_memory_gb:g} GiB "
               f"per node of {a.gpus_per_node}; longest seq_len per mesh with every memory lever on, then the "
               f"fastest settings that hold the longest")
         print(f"{'tp':>3} {'cp':>3} {'hp x rp':>6} {'pp':>3} {'dp':>3}  {'max seq_len':>11}")
@@ -188,7 +193,7 @@ def run_max_seq_len(a, m, base: Run) -> int:
            "step_s": round(best.time["total"], 1)}
     if not a.json:
         print(f"settings: {' '.join(f'{k}={v}' for k, v in out['settings'].items())}")
-        print(f"memory per rank (GiB): " + " ".join(f"{k} {mem.parts[k] / GIB:.2f}" for k in COMPONENTS)
+        print("memory per rank (GiB): " + " ".join(f"{k} {mem.parts[k] / GIB:.2f}" for k in COMPONENTS)
               + f"; fixed + reserve {(mem.fixed + mem.reserve) / GIB:.2f}; total {mem.total / GIB:.2f} of "
               f"{a.gpu_memory_gb:g} ({mem.phase}); host {mem.host / GIB:.1f} per rank")
         print("step time (s): " + " ".join(f"{k} {v:.1f}" for k, v in best.time.items()))

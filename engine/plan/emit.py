@@ -23,13 +23,16 @@ def _model_section(m: ModelSpec, source: str | None, seq_len: int) -> dict:
         model = dataclasses.asdict(load_config(source).model)
         model["max_position_embeddings"] = max(model["max_position_embeddings"], seq_len)
         return {k: v for k, v in model.items() if v is not None}
-    return {"arch": "qwen2" if m.add_qkv_bias else "llama", "num_layers": m.num_layers,
+    published = {"rotary_base": m.rotary_base, "norm_epsilon": m.norm_epsilon}  # where the table knows them
+    return {"arch": m.arch, "num_layers": m.num_layers,
             "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_hidden_size,
             "num_attention_heads": m.num_attention_heads, "num_query_groups": m.num_query_groups,
             "kv_channels": m.head_dim, "vocab_size": m.vocab_size, "add_qkv_bias": m.add_qkv_bias,
+            **({"qk_layernorm": True} if m.qk_layernorm else {}),
             "tie_word_embeddings": m.tie_word_embeddings,
             "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
-            "max_position_embeddings": seq_len}
+            **{k: v for k, v in published.items() if v is not None},
+            "max_position_embeddings": max(seq_len, m.max_position_embeddings or 0)}
 
 
 def config_dict(m: ModelSpec, reach, a) -> dict:

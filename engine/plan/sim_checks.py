@@ -367,5 +367,3 @@ def _engine_frames(depth: int = 4) -> str:
 
     frames = [f for f in traceback.extract_stack() if "/engine/" in f.filename and "/engine/plan/" not in f.filename]
     return " < ".join(f"{f.filename.rsplit('/engine/', 1)[1]}:{f.lineno} {f.name}" for f in reversed(frames[-depth:]))
-
-    return StepMemTracker()

@@ -101,7 +101,7 @@ def planner_inputs(cfg):
     m, p, t = cfg.model, cfg.parallel, cfg.train
     spec = ModelSpec("config", m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
                      m.num_query_groups, m.vocab_size, m.head_dim, m.add_qkv_bias, m.tie_word_embeddings,
-                     m.make_vocab_size_divisible_by)
+                     m.make_vocab_size_divisible_by, m.qk_layernorm)
     mesh = Mesh(p.tp, p.cp, p.hp, p.pp, p.dp, p.vpp)
     run = Run(seq_len=cfg.data.seq_len, recipe=cfg.recipe, recompute=t.recompute, sharding=cfg.optim.sharding,
               offload=cfg.optim.offload, bf16=t.bf16, micro_batch_size=t.micro_batch_size,

@@ -65,28 +65,17 @@ def cache_path(cfg) -> str:
 
 def cache_key(cfg) -> str:
     """What the reference sums depend on, as canonical JSON (see the module docstring)."""
+    from engine.config.hf_model import tokenizer_dir
+    from engine.data.cache import data_identity, tree_identity
     from engine.data.records import expand_paths
 
     data = asdict(cfg.data)
-    tokenizer = cfg.data.tokenizer or (os.path.join(cfg.model.load, "hf") if cfg.model.load else None)
-    key = {"format": FORMAT, "data": data, "data_files": [_stat(f) for f in expand_paths(cfg.data.path)],
-           "tokenizer": _tree(tokenizer) if tokenizer else None, "model": asdict(cfg.model),
-           "reference": _tree(cfg.model.load) if cfg.model.load else {"init_seed": cfg.train.seed},
+    tokenizer = tokenizer_dir(cfg)
+    key = {"format": FORMAT, "data": data, "data_files": [data_identity(f) for f in expand_paths(cfg.data.path)],
+           "tokenizer": tree_identity(tokenizer) if tokenizer else None, "model": asdict(cfg.model),
+           "reference": tree_identity(cfg.model.load) if cfg.model.load else {"init_seed": cfg.train.seed},
            "seed": cfg.train.seed, "bf16": cfg.train.bf16}
     return json.dumps(key, sort_keys=True, default=str)
-
-
-def _stat(path: str) -> list:
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
-
-
-def _tree(path: str) -> dict:
-    """Every file under ``path`` (a directory; else the name itself, e.g. a hub id) with size and mtime."""
-    if not os.path.isdir(path):
-        return {"path": path}
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
-    return {"path": os.path.abspath(path), "files": [[os.path.relpath(f, path)] + _stat(f)[1:] for f in files]}
 
 
 def precomputed_reference(cfg, mesh, dataset, build_reference) -> ReferenceLogps:

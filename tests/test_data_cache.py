@@ -1,0 +1,149 @@
+"""The tokenized data cache (engine/data/cache.py): the same sequences as tokenizing at start (SFT
+and DPO), a build shared by the ranks of a node, reuse without tokenizing, and a stale or damaged
+cache detected and rebuilt, never trusted; the training losses are identical with and without it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "configs" / "data" / "tiny"
+
+
+def cfg_for(tmp_path, *overrides, recipe="sft"):
+    from engine.config import load_config, validate
+
+    data = "sft.jsonl" if recipe == "sft" else "dpo.jsonl"
+    base = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=96", f"recipe={recipe}",
+            "data.source=files", f"data.path={tmp_path / data}", f"data.tokenizer={DATA / 'tokenizer'}",
+            f"data.seq_len={128 if recipe == 'sft' else 512}", f"data.cache_dir={tmp_path / 'cache'}", "train.global_batch_size=4"]
+    return validate(load_config(None, base + list(overrides)), 1)
+
+
+@pytest.fixture
+def data(tmp_path):
+    for name in ("sft.jsonl", "dpo.jsonl"):
+        lines = (DATA / name).read_text().splitlines()[:120]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def same_sequences(a, b, n=12):
+    """``a`` a dataset or a list of its first sequences, ``b`` a dataset."""
+    for i in range(n):
+        x, y = (a[i] if isinstance(a, list) else a.sequence(i)), b.sequence(i)
+        if isinstance(x, tuple):  # DPO: (batch, segment ids)
+            assert torch.equal(x[1], y[1])
+            x, y = x[0], y[0]
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.labels, y.labels)
+        assert torch.equal(x.cu_seqlens, y.cu_seqlens)
+        if hasattr(a, "valid_tokens"):
+            assert a.valid_tokens(i) == b.valid_tokens(i)
+        elif hasattr(b, "valid_tokens"):
+            assert y.num_valid == b.valid_tokens(i)
+
+
+@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+def test_cache_gives_the_same_sequences(data, recipe, monkeypatch):
+    from engine.data import chat
+    from engine.train import build_dataset
+
+    plain = build_dataset(cfg_for(data, "data.cache=false", recipe=recipe))
+    cached = build_dataset(cfg_for(data, recipe=recipe))
+    if recipe == "sft":
+        assert plain.sequences_per_epoch == cached.sequences_per_epoch
+        assert plain.stats == cached.stats
+    same_sequences(plain, cached)
+    ref = [plain.sequence(i) for i in range(12)]
+    # the second start memory-maps: no chat template is rendered
+    monkeypatch.setattr(chat, "render", lambda *a, **k: pytest.fail("tokenized again"))
+    again = build_dataset(cfg_for(data, recipe=recipe))
+    same_sequences(ref, again)
+
+
+def test_stale_and_damaged_caches_are_rebuilt(data, capsys):
+    from engine.train import build_dataset
+
+    cfg = cfg_for(data)
+    ref = build_dataset(cfg)
+    (root,) = [p for p in (data / "cache").iterdir()]
+    capsys.readouterr()
+    # damage: a truncated .bin, a flipped byte in an .idx, a missing manifest
+    bins = sorted(root.glob("*.bin"))
+    bins[0].write_bytes(bins[0].read_bytes()[:-3])
+    same_sequences(ref, build_dataset(cfg))
+    assert "has another size" in capsys.readouterr().out
+    idx = sorted(root.glob("*.idx"))[0]
+    raw = bytearray(idx.read_bytes())
+    raw[-1] ^= 0xFF
+    idx.write_bytes(bytes(raw))
+    same_sequences(ref, build_dataset(cfg))
+    assert "fails its checksum" in capsys.readouterr().out
+    (root / "manifest.json").unlink()
+    same_sequences(ref, build_dataset(cfg))
+    assert "no cache yet" in capsys.readouterr().out
+    # stale: the data file changes -> a new key, a new cache with the new records
+    lines = (data / "sft.jsonl").read_text().splitlines()
+    (data / "sft.jsonl").write_text("\n".join(lines[:60]) + "\n")
+    fresh = build_dataset(cfg)
+    assert fresh.stats["records"] == 60 and len(list((data / "cache").iterdir())) == 2
+
+
+def build_rank(args):
+    """One rank of a node building the cache (run in a subprocess with LOCAL_RANK set)."""
+    tmp, rank = Path(args[0]), int(args[1])
+    from engine.train import build_dataset
+
+    ds = build_dataset(cfg_for(tmp))
+    print(json.dumps({"rank": rank, "sequences": ds.sequences_per_epoch, "stats": ds.stats}))
+
+
+def test_ranks_of_a_node_build_their_shares(data):
+    code = "import sys; from tests.test_data_cache import build_rank; build_rank(sys.argv[1:])"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", TORCHELASTIC_RUN_ID="t1",
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(data), str(rank)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    reports = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert reports[0]["sequences"] == reports[1]["sequences"] and reports[0]["stats"] == reports[1]["stats"]
+    (root,) = list((data / "cache").iterdir())
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["parts"] == 2 and manifest["stats"]["records"] == 120
+    parts = [len(__import__("numpy").load(root / f"part-{r}-positions.npy")) for r in range(2)]
+    assert parts == [60, 60]  # each rank encoded half
+    from engine.train import build_dataset
+
+    same_sequences(build_dataset(cfg_for(data, "data.cache=false")), build_dataset(cfg_for(data)))
+
+
+def test_a_bad_record_in_any_share_is_one_error(data):
+    from engine.data.records import DataError
+    from engine.train import build_dataset
+
+    with open(data / "sft.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"sft.jsonl:121: .*end with a assistant turn"):
+        build_dataset(cfg_for(data))
+    assert not [p for p in (data / "cache").iterdir() if ".build-" not in p.name]  # never renamed into place
+
+
+def test_training_losses_identical_with_and_without_cache(data):
+    from tests.test_resume import losses, train
+
+    common = ["recipe=sft", "data.source=files", f"data.path={data / 'sft.jsonl'}",
+              f"data.tokenizer={DATA / 'tokenizer'}", "data.format=messages", "data.seq_len=256",
+              "train.steps=3", "checkpoint.save_final=false", f"data.cache_dir={data / 'cache'}"]
+    train(data / "plain", *common, "data.cache=false")
+    train(data / "cached", *common)
+    train(data / "again", *common)  # from the cache the first run built
+    assert losses(data / "plain") == losses(data / "cached") == losses(data / "again")
