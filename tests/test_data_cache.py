@@ -144,6 +144,5 @@ def test_training_losses_identical_with_and_without_cache(data):
               f"data.tokenizer={DATA / 'tokenizer'}", "data.format=messages", "data.seq_len=256",
               "train.steps=3", "checkpoint.save_final=false", f"data.cache_dir={data / 'cache'}"]
     train(data / "plain", *common, "data.cache=false")
-    train(data / "cached", *common)
-    train(data / "again", *common)  # from the cache the first run built
-    assert losses(data / "plain") == losses(data / "cached") == losses(data / "again")
+    train(data / "cached", *common)  # builds the cache, then trains from it (a restart reads it:
+    assert losses(data / "plain") == losses(data / "cached")  # test_cache_gives_the_same_sequences)

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import engine.data.indexed as ix  # noqa: E402
-from engine.data.indexed import (IndexedDataError, IndexedTokens, IndexedTokensWriter,  # noqa: E402
-                                 best_dtype, blend_indices, parse_blend)
+import engine.data.blend as ix  # noqa: E402
+from engine.data.blend import blend_indices, parse_blend  # noqa: E402
+from engine.data.indexed import IndexedDataError, IndexedTokens, IndexedTokensWriter, best_dtype  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -204,15 +204,21 @@ PRETRAIN_MESHES = [["parallel.tp=2", "parallel.cp=2"],
 
 
 def pretrain_world(rank, world, data_overrides):
-    """Both attention modes, every mesh of PRETRAIN_MESHES against the single process."""
-    from tests.test_tp_exact import mesh_world_checks
+    """Both attention modes, every mesh of PRETRAIN_MESHES against the single process (the GQA
+    Llama of test_tp_exact: the data path is what is new here, the model's exactness is theirs)."""
+    from engine.mesh import ParallelMesh
+    from tests.test_tp_exact import MODELS, compare, make_cfg, run_steps
 
     report = {}
     for cross in ("false", "true"):
-        extra = ["recipe=pretrain", "data.source=files", f"data.cross_document_attention={cross}",
-                 *data_overrides]
-        for key, worst in mesh_world_checks(rank, world, PRETRAIN_MESHES, extra).items():
-            report[(f"cross={cross}", *key)] = worst
+        over = MODELS["llama-gqa"] + ["recipe=pretrain", "data.source=files",
+                                      f"data.cross_document_attention={cross}", *data_overrides]
+        ref = run_steps(make_cfg(over + ["parallel.dp=1"], 1), ParallelMesh.single())
+        for mesh_over in PRETRAIN_MESHES:
+            p = make_cfg(over + mesh_over, world).parallel
+            mesh = ParallelMesh.build(tp=p.tp, cp=p.cp, hp=p.hp, dp=p.dp, pp=p.pp, placement=p.placement)
+            report[(f"cross={cross}", " ".join(mesh_over))] = compare(run_steps(make_cfg(over + mesh_over, world),
+                                                                             mesh), ref)
     return report
 
 
@@ -272,7 +278,7 @@ def test_megatron_prefix_equals_the_same_documents_in_memory(tmp_path, cross):
 
 def test_megatron_blend(tmp_path):
     from engine.config import load_config, validate
-    from engine.data.indexed import blend_indices
+    from engine.data.blend import blend_indices
     from engine.data.pretrain import BlendedSequences
     from engine.train import build_dataset
 

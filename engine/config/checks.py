@@ -295,7 +295,7 @@ def _check_data_files(cfg: Config) -> None:
         raise ConfigError(f"recipe=pretrain reads a token stream; data.format={d.format} is conversation "
                           f"records — use data.format megatron, tokenized, text or hf")
     if d.format == "megatron":
-        from engine.data.indexed import parse_blend
+        from engine.data.blend import parse_blend
 
         try:
             prefixes, _ = parse_blend(d.path)

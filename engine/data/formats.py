@@ -131,7 +131,7 @@ def _hf_kind(path, recipe: str) -> str:
 
 
 def _megatron(cfg):
-    from engine.data.indexed import parse_blend
+    from engine.data.blend import parse_blend
     from engine.data.pretrain import BlendedSequences, PretrainSequences
     from engine.data.store import IndexedStore
 
@@ -232,3 +232,25 @@ def _describe(value) -> str:
         kinds = sorted({type(v).__name__ for v in value})
         return f"a list of {len(value)} ({', '.join(kinds) or 'empty'})"
     return type(value).__name__
+
+
+def load_tokenizer_dir(path: str):
+    """``AutoTokenizer`` of the directory ``path``; a damaged or incomplete directory (a truncated
+    or garbled tokenizer.json or tokenizer_config.json, a missing file) is one ``DataError``
+    naming it, whatever transformers or the tokenizers library raised (their Rust panics included)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (Exception, _panic()) as e:  # noqa: BLE001 - a damaged file fails in many ways
+        raise DataError(f"the tokenizer directory {path} cannot be loaded ({type(e).__name__}: {e}); check or "
+                        f"replace its tokenizer.json / tokenizer_config.json") from e
+
+
+def _panic() -> type:
+    """pyo3's PanicException (a BaseException): how the tokenizers library reports a Rust panic."""
+    try:
+        from pyo3_runtime import PanicException  # type: ignore[import-not-found]
+    except ImportError:
+        return Exception
+    return PanicException

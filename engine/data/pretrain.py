@@ -125,7 +125,7 @@ class BlendedSequences:
 
     def _locate(self, index: int) -> tuple[int, int]:
         if index >= len(self._which):  # grow the blending indices (doubling) up to ``index``
-            from engine.data.indexed import blend_indices
+            from engine.data.blend import blend_indices
 
             n = max(index + 1, 2 * len(self._which), 1024)
             which, sample = blend_indices(self.weights, n)

@@ -46,7 +46,8 @@ def parse_args(argv):
     ap.add_argument("--gpu", choices=sorted(DEVICES), default="a100", help="throughput/bandwidth constants")
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--seq-len", type=int, help="tokens per sequence (DPO: the chosen+rejected pair)")
-    ap.add_argument("--recipe", choices=("sft", "dpo"), default="sft")
+    ap.add_argument("--recipe", choices=("sft", "dpo", "pretrain"), default="sft",
+                    help="pretrain plans as sft does (the same token loss over packed sequences)")
     ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE, default=list(RECOMPUTE))
     ap.add_argument("--sharding", nargs="+", choices=SHARDING,
                     help="optimizer sharding over dp x cp to try (default: all; zero1 with --offload)")
