@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         from engine.train import build_dataset
 
         dataset = build_dataset(cfg)
+        stats = getattr(dataset, "stats", None) or getattr(getattr(dataset, "pairs", None), "stats", None)
+        if rank == 0 and stats:  # nothing is dropped silently
+            print("data: " + ", ".join(f"{v} {k}" for k, v in stats.items()), flush=True)
     except DataError as e:
         if rank == 0:
             print(f"meshtron-train: error: {e}", file=sys.stderr)

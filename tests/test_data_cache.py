@@ -146,3 +146,25 @@ def test_training_losses_identical_with_and_without_cache(data):
     train(data / "plain", *common, "data.cache=false")
     train(data / "cached", *common)  # builds the cache, then trains from it (a restart reads it:
     assert losses(data / "plain") == losses(data / "cached")  # test_cache_gives_the_same_sequences)
+
+
+def test_preprocess_builds_the_cache_ahead_of_time(data):
+    """tools/preprocess_data.py --cache CONFIG --workers 2 builds what the run then reads."""
+    from engine.data import chat
+    from engine.train import build_dataset
+
+    over = [f"data.path={data / 'sft.jsonl'}", f"data.tokenizer={DATA / 'tokenizer'}",
+            f"data.cache_dir={data / 'cache'}", "data.seq_len=128"]
+    r = subprocess.run([sys.executable, "tools/preprocess_data.py", "--cache", str(ROOT / "configs" / "tiny-sft.yaml"),
+                        *over, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["stats"]["records"] == 120
+    from engine.config import load_config
+
+    render = chat.render
+    chat.render = lambda *a, **k: pytest.fail("tokenized again")
+    try:
+        ds = build_dataset(load_config(str(ROOT / "configs" / "tiny-sft.yaml"), over))
+    finally:
+        chat.render = render
+    assert ds.stats["records"] == 120

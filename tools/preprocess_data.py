@@ -13,6 +13,13 @@ end-of-document id (HF ``eos_token_id``, sentencepiece ``eos_id()``) to every no
 Documents with no tokens are skipped (Megatron keeps them as empty documents) and counted; blank
 lines are skipped. Output is identical for any ``--workers``. On an error (bad JSON, a missing or
 non-string key: one message naming ``file:line``) nothing is written.
+
+Conversation and preference records (SFT, DPO) are not turned into a Megatron corpus: their
+tokenization depends on the chat template and the run's settings, and the engine keeps it in
+its tokenized cache (engine/data/cache.py). Build a run's cache ahead of time, before the GPUs
+are allocated, with ``--workers`` processes each tokenizing its share:
+
+    python tools/preprocess_data.py --cache my.yaml [section.key=value ...] --workers 8
 """
 from __future__ import annotations
 
@@ -211,7 +218,43 @@ def _write(writer, stat, flat, lengths) -> None:
         stat["tokens"] += n
 
 
+def build_cache(config: str, overrides: list[str], workers: int) -> int:
+    """The run's tokenized data cache, built by ``workers`` processes (the protocol of a node's
+    ranks: LOCAL_RANK / LOCAL_WORLD_SIZE); a later run with the same data settings reads it."""
+    import subprocess
+    import uuid
+
+    code = ("import sys, json; from engine.config import load_config; from engine.train import build_dataset; "
+            "ds = build_dataset(load_config(sys.argv[1], sys.argv[2:])); "
+            "print(json.dumps({'stats': getattr(ds, 'stats', None) or getattr(getattr(ds, 'pairs', None), 'stats', None)}))")
+    run_id = f"preprocess-{uuid.uuid4().hex[:8]}"
+    procs = [subprocess.Popen([sys.executable, "-c", code, config, *overrides], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(workers),
+                                   "TORCHELASTIC_RUN_ID": run_id, "OMP_NUM_THREADS": "1"})
+             for r in range(workers)]
+    outs = [p.communicate() for p in procs]
+    failed = [(r, err) for r, (p, (_, err)) in enumerate(zip(procs, outs)) if p.returncode]
+    if failed:
+        print(f"error: {failed[0][1].strip().splitlines()[-1] if failed[0][1].strip() else 'worker failed'}",
+              file=sys.stderr)
+        return 1
+    print(outs[0][0].strip().splitlines()[-1] if outs[0][0].strip() else "done")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--cache":
+        cp = argparse.ArgumentParser(prog="preprocess_data.py --cache",
+                                     description="build a run's tokenized data cache ahead of time")
+        cp.add_argument("config")
+        cp.add_argument("overrides", nargs="*", help="section.key=value, as meshtron-train takes them")
+        cp.add_argument("--workers", type=int, default=1)
+        a = cp.parse_args(argv[1:])
+        if a.workers < 1:
+            cp.error("--workers must be >= 1")
+        return build_cache(a.config, a.overrides, a.workers)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
