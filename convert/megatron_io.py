@@ -11,7 +11,8 @@ import os
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-from convert.files import CheckpointError, write_text_durable  # noqa: F401 - CheckpointError is re-exported
+# CheckpointError is also re-exported: callers import it from here
+from convert.files import CheckpointError, write_text_durable
 
 
 def resolve(path: str) -> tuple[str, str]:
@@ -20,10 +21,12 @@ def resolve(path: str) -> tuple[str, str]:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     meta = os.path.join(path, "metadata.json")
     if os.path.isfile(meta):
-        with open(meta) as f:
-            backend = json.load(f).get("sharded_backend")
+        backend = read_json(meta).get("sharded_backend")
         if backend != "torch_dist":
             raise ValueError(f"{meta}: sharded_backend {backend!r} is not supported (only torch_dist)")
+        info = os.path.join(path, "meshtron.json")  # read again by megatron_dist.read_info
+        if os.path.isfile(info) and not isinstance(read_json(info).get("model"), dict):
+            raise CheckpointError(f"{info} is damaged (no 'model' object); resume from an earlier checkpoint")
         return "torch_dist", path
     tracker = os.path.join(path, TRACKER)
     if os.path.isfile(tracker):
@@ -37,6 +40,20 @@ def resolve(path: str) -> tuple[str, str]:
         return "torch", path
     raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no metadata.json, no {TRACKER}, not an "
                             f"iter_* directory)")
+
+
+def read_json(path: str) -> dict:
+    """A checkpoint's small JSON file, which must hold an object; a damaged one (not UTF-8, not
+    JSON, not an object) is one ``CheckpointError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); resume from an earlier "
+                              f"checkpoint") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path} is damaged (a JSON {type(doc).__name__}, expected an object)")
+    return doc
 
 
 def open_megatron(path: str):

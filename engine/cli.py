@@ -5,7 +5,8 @@ bad config fails at once on every rank with one message (printed by rank 0) and 
 After that, a rank that fails prints its traceback, tells the others through the rendezvous store
 and exits non-zero at once without waiting on collectives; the others leave within
 ``dist.abort_poll_s`` (engine.watchdog), with or without torchrun; ``dist.timeout_s`` bounds the
-wait for a peer that vanished without a word.
+wait for a peer that vanished or went silent without a word (the watchdog's heartbeats notice a
+stopped or hung peer even where gloo's p2p would wait forever).
 
 Launchers: torchrun (or tools/launch.sh) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT. Under a plain ``srun meshtron-train CONFIG`` (one task per GPU, no torchrun) they are
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         from engine.watchdog import Watchdog
 
         mesh = init_mesh(cfg)
-        watchdog = Watchdog(rank, cfg.dist.abort_poll_s).start()
+        watchdog = Watchdog(rank, cfg.dist.abort_poll_s, silent_s=cfg.dist.timeout_s,
+                            world=int(os.environ.get("WORLD_SIZE", "1"))).start()
         train(cfg, mesh, dataset)
     except BaseException as e:  # noqa: BLE001 - any failure must end this rank now, not hang the others
         from engine.watchdog import last_line

@@ -46,6 +46,7 @@ runs' checkpoints and anything a user put beside them are never touched.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -69,6 +70,7 @@ from engine.checkpoint import (
     trainable_entries,
     weight_requests,
 )
+from engine.manifest import file_entries, list_files, merge_entries, verify_manifest, write_manifest
 
 STATE_FILE = "meshtron_train.pt"
 RNG_DIR = "rng"
@@ -101,6 +103,39 @@ def _weights_dtype(opt) -> torch.dtype:
 
 
 def save_training_checkpoint(model, opt, mesh, cfg, step: int, storage_writer=None) -> str | None:
+    """:func:`_save`; a full disk (ENOSPC) on this rank becomes one clear :class:`CheckpointError`:
+    the partial ``.new`` directory is never published (the next start removes it) and the
+    previous checkpoint stays the latest."""
+    try:
+        return _save(model, opt, mesh, cfg, step, storage_writer)
+    except Exception as e:  # DCP wraps a rank's OSError in its own exception
+        if not _is_enospc(e):
+            raise
+        root = checkpoint_root(cfg)
+        tracker = os.path.join(root, "latest_checkpointed_iteration.txt")
+        latest = None
+        if os.path.isfile(tracker):
+            with open(tracker) as f:
+                latest = f.read().strip()
+        kept = f"iteration {int(latest)} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+        raise CheckpointError(f"checkpoint of step {step} not written: no space left on device in {root}; "
+                              f"its partial directory iter_{step:07d}.new is not used (removed at the next "
+                              f"start) and {kept} — free space or point checkpoint.dir elsewhere, then "
+                              f"restart with train.resume=auto") from e
+
+
+def _is_enospc(e: BaseException | None, depth: int = 0) -> bool:
+    """An ENOSPC anywhere in ``e``: its cause chain or DCP's per-rank failures."""
+    if e is None or depth > 8:
+        return False
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    nested = [e.__cause__, e.__context__, getattr(e, "exc", None)]
+    nested += [getattr(f, "exc", f) for f in (getattr(e, "failures", None) or {}).values()]
+    return any(isinstance(n, BaseException) and _is_enospc(n, depth + 1) for n in nested)
+
+
+def _save(model, opt, mesh, cfg, step: int, storage_writer=None) -> str | None:
     """Weights, optimizer state, schedule, data position and RNG after ``step`` optimizer steps,
     written by every rank in parallel (every rank must call it); returns the published directory
     on global rank 0 (None elsewhere).
@@ -154,12 +189,47 @@ def save_training_checkpoint(model, opt, mesh, cfg, step: int, storage_writer=No
     if sim:
         return tmp
     _barrier(mesh)  # every rank's files are written and fsync'd
+    parts = _checksum_share(tmp, mesh)  # every rank checksums its share of the files, read in parallel
     if mesh.rank == 0:
+        write_manifest(tmp, merge_entries(parts))  # before the rename: a published checkpoint has one
         _publish(tmp, final, root, step)
         if cfg.checkpoint.keep > 0:
             _prune(root, cfg.checkpoint.keep, run)
     _barrier(mesh)  # published: any rank may read it now
     return final if mesh.rank == 0 else None
+
+
+def _checksum_share(tmp: str, mesh) -> list[dict] | None:
+    """Entries (size, crc32) of this rank's share of the files of ``tmp`` (``rank::world`` of the
+    sorted list: balanced, whoever wrote them), gathered to rank 0 (None elsewhere)."""
+    world = mesh.layout.world_size
+    part = file_entries(tmp, list_files(tmp)[mesh.rank::world])
+    if world == 1:
+        return [part]
+    parts = [None] * world if mesh.rank == 0 else None
+    torch.distributed.gather_object(part, parts, dst=0)
+    return parts
+
+
+def _verify(where: str, mesh) -> None:
+    """The checkpoint against its manifest (engine/manifest.py; none: skipped), every rank checking
+    all sizes and its share of the checksums; a failure on any rank is the same one CheckpointError
+    naming the file on every rank (no rank goes on to read a damaged checkpoint)."""
+    world = mesh.layout.world_size
+    try:
+        verify_manifest(where, mesh.rank, world)
+        err = None
+    except CheckpointError as e:
+        err = e
+    if world == 1:
+        if err is not None:
+            raise err
+        return
+    msgs = [None] * world
+    torch.distributed.all_gather_object(msgs, None if err is None else str(err))
+    first = next((m for m in msgs if m), None)
+    if first is not None:
+        raise CheckpointError(first) from err
 
 
 def _dist_items(model, opt, mesh, dtype: torch.dtype) -> tuple[list, dict]:
@@ -259,12 +329,16 @@ def load_training_checkpoint(model, opt, mesh, where: str) -> int:
     any other); every rank reads only its own slices. Returns the step to start at."""
     from convert.megatron_io import open_megatron
 
+    _verify(where, mesh)  # a truncated file or a flipped byte: one error naming it, never a wrong tensor
     path = os.path.join(where, STATE_FILE)
     try:
         state = trusted_load(path)
     except Exception as e:  # noqa: BLE001 - a truncated or overwritten file fails in many ways
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); resume from an earlier "
                               f"checkpoint (train.resume=PATH)") from e
+    if not isinstance(state, dict) or not {"optimizer_step", "data_position"} <= state.keys():
+        raise CheckpointError(f"{path} is damaged (not the training state meshtron writes: no optimizer_step "
+                              f"or data_position); resume from an earlier checkpoint (train.resume=PATH)")
     source = open_megatron(where)
     check_model_matches(source.model, model_chunks(model)[0].cfg, where)
     entries = trainable_entries(model)
@@ -292,7 +366,11 @@ def load_training_checkpoint(model, opt, mesh, where: str) -> int:
 def _restore_rng(where: str, mesh) -> None:
     """This rank's RNG, when the checkpoint's mesh is this run's (else said once, by rank 0)."""
     path = os.path.join(where, RNG_DIR, f"rank_{mesh.rank:05d}.pt")
-    saved = trusted_load(path) if os.path.isfile(path) else None
+    try:
+        saved = trusted_load(path) if os.path.isfile(path) else None
+    except Exception as e:  # a truncated or overwritten file fails in many ways
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); resume from an earlier "
+                              f"checkpoint (train.resume=PATH)") from e
     if saved is None or saved["mesh"] != _mesh_info(mesh) or saved["coords"] != dict(mesh.coords):
         if mesh.rank == 0:
             was = saved["mesh"] if saved else "unknown"

@@ -7,6 +7,7 @@ and the step alone, so every mesh trains on the same data.
 """
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -76,14 +77,14 @@ def build_dataset(cfg):
 def load_tokenizer(cfg):
     """The run's tokenizer: ``data.tokenizer``, else a Hugging Face ``model.load`` itself, else the
     hf/ folder of the loaded checkpoint."""
-    from transformers import AutoTokenizer
-
     from engine.config.hf_model import tokenizer_dir
+    from engine.data.formats import load_tokenizer_dir
+    from engine.data.records import DataError
 
     path = tokenizer_dir(cfg)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = load_tokenizer_dir(path)  # a damaged directory: one DataError naming it
     if len(tok) > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer at {path} has {len(tok)} tokens but model.vocab_size="
+        raise DataError(f"the tokenizer at {path} has {len(tok)} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; use a matching model")
     return tok
 
@@ -252,6 +253,7 @@ def train(cfg, mesh, dataset=None) -> list[dict]:
     """Run ``cfg.train.steps`` optimizer steps; returns the metrics rows (on every rank).
     ``dataset``: :func:`build_dataset`'s, when the caller built it (before the process group)."""
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)  # every RNG a checkpoint saves starts from the seed (runs compare bitwise)
     flex = None
     if cfg.parallel.sp_mode == "flexsp":
         from engine.flexsp.runtime import FlexSPRuntime

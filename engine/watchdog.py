@@ -13,16 +13,28 @@ without a word (SIGKILL, a lost node) writes nothing; its peers then fail in the
 collective with it (gloo notices the closed connection at once, NCCL at ``dist.timeout_s`` at the
 latest) and that failure takes the same path.
 
+A rank that is alive but silent — stopped (SIGSTOP), hung in a p2p exchange that gloo never
+times out, its host frozen — writes nothing either, and its peers may wait for it forever (gloo's
+send/recv take no timeout). So each rank's thread also beats a heartbeat counter in the store
+every poll and reads those of the next two ranks; a peer whose counter has not moved for
+``dist.timeout_s`` is reported like a failure ("rank R has been silent for N s") and every live
+rank leaves non-zero, so torchrun restarts the world. A rank that has finished marks its
+heartbeat "done".
+
 Records are keyed by torchrun's restart count, so a restarted world does not see the abort of
 the attempt before it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+import time
 
 _KEY = "meshtron/abort/{}"
+_BEAT = "meshtron/heartbeat/{}/{}"
+_DONE = b"done"
 _STORE_GONE = "the rendezvous store is gone (rank 0 has exited)"
 
 
@@ -40,9 +52,19 @@ def _store():
 class Watchdog:
     """Polls the abort record of this attempt; ``report`` writes it."""
 
-    def __init__(self, rank: int, poll_s: float = 1.0, exit=os._exit):
+    def __init__(self, rank: int, poll_s: float = 1.0, exit=os._exit, silent_s: float | None = None,
+                 world: int = 1):
+        """``silent_s``: report a peer whose heartbeat has not moved for this long (None: no
+        heartbeats); ``world``: the number of ranks."""
         self.rank, self.poll_s, self._exit = rank, poll_s, exit
-        self.key = _KEY.format(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.key = _KEY.format(attempt)
+        self.silent_s = silent_s if world > 1 else None
+        self._beats = {r: _BEAT.format(attempt, r) for r in range(world)}
+        # each rank watches the next two (mod world): every rank is watched twice, and the store
+        # serves O(world) reads per poll, not O(world²)
+        self._watched = sorted({(rank + i) % world for i in (1, 2)} - {rank})
+        self._count, self._seen = 0, {}
         self.store = _store()
         # without torchrun's agent, rank 0's process serves the store: it lingers a few polls
         # before leaving so the others can still read the record
@@ -53,12 +75,41 @@ class Watchdog:
 
     def start(self) -> "Watchdog":
         if self.store is not None:
+            if self.silent_s:
+                self._beat()  # before the thread: a peer that reads it first sees it present
+                now = time.monotonic()
+                self._seen = {r: (None, now) for r in self._watched}
             self._thread = threading.Thread(target=self._watch, name="meshtron-watchdog", daemon=True)
             self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self.silent_s and self.store is not None:
+            # finished: a peer still finishing must not take this quiet for a hang
+            with contextlib.suppress(Exception):  # the store's host is gone: nobody is waiting
+                self.store.set(self._beats[self.rank], _DONE)
+
+    def _beat(self) -> None:
+        self._count += 1
+        self.store.set(self._beats[self.rank], str(self._count))
+
+    def silent_peer(self) -> tuple[int, float] | None:
+        """(rank, seconds) of a peer whose heartbeat has not moved for ``silent_s``, else None."""
+        now = time.monotonic()
+        try:
+            self._beat()
+            for r in self._watched:
+                key = self._beats[r]
+                value = self.store.get(key) if self.store.check([key]) else None
+                last, since = self._seen[r]
+                if value != last:
+                    self._seen[r] = (value, now)
+                elif value != _DONE and now - since > self.silent_s:
+                    return r, now - since
+        except Exception:  # noqa: BLE001 - the store's host is gone: failed_peer says so
+            return None
+        return None
 
     def failed_peer(self) -> str | None:
         """The abort record, if some rank has written one (or word that the store is gone: its
@@ -85,6 +136,9 @@ class Watchdog:
 
     def leave(self, code: int) -> None:
         """Exit now (after the store host's linger), skipping teardown that could wait on peers."""
+        from engine import faults
+
+        faults.note("exit", rank=self.rank, code=code)  # tools/chaos.py times detection by it
         sys.stdout.flush()
         sys.stderr.flush()
         if self.linger_s:
@@ -98,6 +152,16 @@ class Watchdog:
             if record is not None and not record.startswith(f"rank {self.rank}:"):
                 print(f"meshtron-train: rank {self.rank} stopping: {peer_summary(record)} "
                       f"(its error is printed by that rank)", file=sys.stderr, flush=True)
+                self.leave(1)
+            silent = self.silent_peer() if self.silent_s else None
+            if silent is not None:
+                what = (f"rank {silent[0]} has been silent for {silent[1]:.0f}s (dist.timeout_s={self.silent_s:g}): "
+                        f"stopped, hung or unreachable")
+                if self.report(f"RuntimeError: {what}"):  # the first to notice says it, in full
+                    print(f"meshtron-train: rank {self.rank} stopping: {what}", file=sys.stderr, flush=True)
+                else:
+                    print(f"meshtron-train: rank {self.rank} stopping: {peer_summary(self.failed_peer() or '')} "
+                          f"(its error is printed by that rank)", file=sys.stderr, flush=True)
                 self.leave(1)
 
 

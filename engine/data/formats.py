@@ -44,6 +44,7 @@ def build_file_dataset(cfg, tokenizer: Callable):
         if cfg.recipe == "pretrain":
             from engine.data.pretrain import PretrainSequences
 
+            _check_stream(store)
             return PretrainSequences(store, d.seq_len, cfg.train.seed, d.cross_document_attention)
         from engine.data.sft import TokenizedSFTDataset
 
@@ -147,6 +148,7 @@ def _megatron(cfg):
     for prefix in prefixes:
         store = IndexedStore(prefix)
         store.check_vocab(cfg.model.vocab_size)
+        _check_stream(store)
         datasets.append(PretrainSequences(store, d.seq_len, cfg.train.seed + len(datasets),
                                           d.cross_document_attention))
     return datasets[0] if len(datasets) == 1 else BlendedSequences(datasets, weights)
@@ -193,6 +195,14 @@ def _record_store(cfg, fmt: str, tokenizer: Callable) -> MemoryStore:
     return store
 
 
+def _check_stream(store) -> None:
+    """A pretraining stream needs two tokens (one input, one target): else a DataError naming the
+    files, before PretrainSequences' own (ValueError) check."""
+    if store.num_tokens < 2:
+        raise DataError(f"{store.name}: {store.num_tokens} tokens; a pretraining stream needs at least 2 "
+                        f"(add documents)")
+
+
 def _tokenized_document(rec: dict) -> tuple[list[int], list[bool] | None]:
     ids = rec.get("input_ids")
     if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -236,21 +246,15 @@ def _describe(value) -> str:
 
 def load_tokenizer_dir(path: str):
     """``AutoTokenizer`` of the directory ``path``; a damaged or incomplete directory (a truncated
-    or garbled tokenizer.json or tokenizer_config.json, a missing file) is one ``DataError``
-    naming it, whatever transformers or the tokenizers library raised (their Rust panics included)."""
+    or garbled tokenizer.json, tokenizer_config.json or chat template) is one ``DataError`` naming
+    it, whatever transformers or the tokenizers library raised (JSONDecodeError, UnicodeDecodeError,
+    an untyped Exception, or pyo3's PanicException for a Rust panic, a BaseException)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (Exception, _panic()) as e:  # noqa: BLE001 - a damaged file fails in many ways
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         raise DataError(f"the tokenizer directory {path} cannot be loaded ({type(e).__name__}: {e}); check or "
                         f"replace its tokenizer.json / tokenizer_config.json") from e
-
-
-def _panic() -> type:
-    """pyo3's PanicException (a BaseException): how the tokenizers library reports a Rust panic."""
-    try:
-        from pyo3_runtime import PanicException  # type: ignore[import-not-found]
-    except ImportError:
-        return Exception
-    return PanicException

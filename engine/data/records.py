@@ -354,7 +354,7 @@ def _turns(items: list, role_key: str, content_key: str) -> list[dict]:
         # Accept either tag convention in either container (mixed exports are common).
         role = m.get(role_key, m.get("role", m.get("from")))
         content = m.get(content_key, m.get("content", m.get("value")))
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a list or object is no role (nor hashable)
             raise RecordError(f"turn {k}: role {role!r} not supported; expected one of {sorted(_ROLES)}")
         if not isinstance(content, str):
             raise RecordError(f"turn {k}: expected string content, got {type(content).__name__}")
