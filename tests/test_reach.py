@@ -6,6 +6,7 @@ simulated again here, the others take minutes each)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def test_goal_met_and_shipped_config_is_the_plan(model, gpus, recipe, goal, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MESHTRON_ALL_SIMS") != "1",
+                    reason="minutes on 2 cores; simulated with MESHTRON_ALL_SIMS=1 (CI plans all seven and "
+                           "simulates the reach variant at 16k in test_simulate_configs)")
 def test_simulation_confirms_llama3_8b_on_8_gpus():
     """The 4M-token Llama-3-8B run on 8 GPUs, simulated: it fits, within 5 % of the planner."""
     out = subprocess.run([sys.executable, "-m", "engine.plan.cli", "--simulate",
