@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 import traceback
 
@@ -76,10 +77,26 @@ def slurm_env(env) -> dict[str, str]:
     if not env.get("MASTER_ADDR") and not nodelist:
         raise ValueError("srun task without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's address")
     derived = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-               "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+               "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "LOCAL_WORLD_SIZE": slurm_local_world(env),
                "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
                "MASTER_PORT": DEFAULT_MASTER_PORT}
-    return {k: v for k, v in derived.items() if not env.get(k)}
+    return {k: v for k, v in derived.items() if v is not None and not env.get(k)}
+
+
+def slurm_local_world(env) -> str | None:
+    """This node's task count: SLURM_STEP_TASKS_PER_NODE (else SLURM_TASKS_PER_NODE), a list
+    such as ``4(x2),3`` in node order, at SLURM_NODEID; None when SLURM does not say."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    counts = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not m:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={spec!r}: expected counts such as '4(x2),3'")
+        counts += [m.group(1)] * int(m.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else None
 
 
 def local_device_index(env, device_count: int) -> int:

@@ -32,7 +32,7 @@ def _worker(rank, world, port, outdir, fn, args):
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     path = os.path.join(outdir, f"rank{rank}.pt")
     try:
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(outdir, 'rendezvous')}",

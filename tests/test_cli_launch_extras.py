@@ -107,6 +107,17 @@ def test_slurm_env_maps_a_plain_srun_task():
     assert "MASTER_ADDR" not in slurm_env({**SRUN, "MASTER_ADDR": "10.0.0.1"})
 
 
+def test_slurm_env_gives_the_nodes_task_count():
+    """LOCAL_WORLD_SIZE (the data cache's builders per node) from SLURM's per-node task list."""
+    assert slurm_env({**SRUN, "SLURM_TASKS_PER_NODE": "4(x4)"})["LOCAL_WORLD_SIZE"] == "4"
+    env = {**SRUN, "SLURM_TASKS_PER_NODE": "2(x2),3", "SLURM_STEP_TASKS_PER_NODE": "4(x3),1"}
+    assert slurm_env({**env, "SLURM_NODEID": "1"})["LOCAL_WORLD_SIZE"] == "4"  # the step's list wins
+    assert slurm_env({**env, "SLURM_NODEID": "3"})["LOCAL_WORLD_SIZE"] == "1"
+    assert "LOCAL_WORLD_SIZE" not in slurm_env(SRUN)  # SLURM does not say: the cache builds alone
+    with pytest.raises(ValueError, match="SLURM_TASKS_PER_NODE"):
+        slurm_env({**SRUN, "SLURM_TASKS_PER_NODE": "4x2"})
+
+
 def test_slurm_env_leaves_torchrun_and_non_slurm_processes_alone():
     assert slurm_env({**SRUN, "RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0"}) == {}  # torchrun inside srun
     assert slurm_env({"SLURM_JOB_NODELIST": "node1"}) == {}  # a shell on an allocation, not a task

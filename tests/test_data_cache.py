@@ -104,19 +104,28 @@ def build_rank(args):
     print(json.dumps({"rank": rank, "sequences": ds.sequences_per_epoch, "stats": ds.stats}))
 
 
-def test_ranks_of_a_node_build_their_shares(data):
+def build_node(data, ranks, local_world):
+    """Processes building the cache at once, one per LOCAL_RANK; -> their reports and the cache dir."""
     code = "import sys; from tests.test_data_cache import build_rank; build_rank(sys.argv[1:])"
     procs = []
-    for rank in range(2):
-        env = dict(os.environ, LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", TORCHELASTIC_RUN_ID="t1",
-                   OMP_NUM_THREADS="1")
+    for rank in ranks:
+        env = dict(os.environ, LOCAL_RANK=str(rank), TORCHELASTIC_RUN_ID="t1", OMP_NUM_THREADS="1")
+        env.pop("LOCAL_WORLD_SIZE", None)
+        if local_world:
+            env["LOCAL_WORLD_SIZE"] = str(local_world)
         procs.append(subprocess.Popen([sys.executable, "-c", code, str(data), str(rank)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     reports = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
-    assert reports[0]["sequences"] == reports[1]["sequences"] and reports[0]["stats"] == reports[1]["stats"]
-    (root,) = list((data / "cache").iterdir())
+    assert all(r["sequences"] == reports[0]["sequences"] and r["stats"] == reports[0]["stats"] for r in reports)
+    (root,) = [p for p in (data / "cache").iterdir() if ".build-" not in p.name]
+    assert not [p for p in (data / "cache").iterdir() if ".build-" in p.name]  # no build left behind
+    return reports, root
+
+
+def test_ranks_of_a_node_build_their_shares(data):
+    _, root = build_node(data, range(2), 2)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["parts"] == 2 and manifest["stats"]["records"] == 120
     parts = [len(__import__("numpy").load(root / f"part-{r}-positions.npy")) for r in range(2)]
@@ -124,6 +133,25 @@ def test_ranks_of_a_node_build_their_shares(data):
     from engine.train import build_dataset
 
     same_sequences(build_dataset(cfg_for(data, "data.cache=false")), build_dataset(cfg_for(data)))
+
+
+def test_ranks_without_local_world_size_each_build_alone(data):
+    """A launcher that sets LOCAL_RANK but not LOCAL_WORLD_SIZE (the CI failure of a spawned world:
+    rank 0 believed it was alone, renamed the shared build away under rank 3): every rank builds the
+    whole cache in its own directory, the first rename wins, and all read the same records."""
+    _, root = build_node(data, [0, 3], None)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["parts"] == 1 and manifest["stats"]["records"] == 120
+
+
+def test_an_inconsistent_local_rank_is_one_error(data, monkeypatch):
+    from engine.data.records import DataError
+    from engine.train import build_dataset
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(DataError, match="LOCAL_RANK=3 with LOCAL_WORLD_SIZE=2"):
+        build_dataset(cfg_for(data))
 
 
 def test_a_bad_record_in_any_share_is_one_error(data):

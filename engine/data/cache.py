@@ -105,14 +105,16 @@ def encoded_records(cfg, kind: str, tokenizer_path: str, tokenizer_fn, cutoff_le
     found, why = _open(final, key, kind)
     if found is not None:
         return found
-    rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank, world, alone = _local_share()
     if rank == 0:
         log(f"data cache: building {final} ({why}) with {world} rank(s)")
-        if os.path.isdir(final):  # damaged or foreign: set aside, never read
+        if os.path.isdir(final) and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # damaged: never read
             shutil.rmtree(final, ignore_errors=True)
-    attempt = "-".join([socket.gethostname(), os.environ.get("TORCHELASTIC_RUN_ID", str(os.getppid())),
-                        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")])
-    build = f"{final}.build-{attempt}"
+    launch = os.environ.get("TORCHELASTIC_RUN_ID") or (
+        f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}" if "SLURM_JOB_ID" in os.environ
+        else str(os.getppid()))
+    attempt = "-".join([socket.gethostname(), launch, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")])
+    build = f"{final}.build-{attempt}" + (f"-alone{os.getpid()}" if alone else "")
     os.makedirs(build, exist_ok=True)
     timeout = cfg.dist.timeout_s
     _build_part(cfg, kind, build, rank, world, tokenizer_fn, encode)
@@ -133,6 +135,23 @@ def encoded_records(cfg, kind: str, tokenizer_path: str, tokenizer_fn, cutoff_le
     if found is None:
         raise DataError(f"data cache {final}: just built but unusable ({why}); is the disk full?")
     return found
+
+
+def _local_share() -> tuple[int, int, bool]:
+    """(this rank's share, the node's number of building ranks, whether it builds alone).
+    LOCAL_RANK without LOCAL_WORLD_SIZE (a launcher that does not say how many ranks share the
+    node) builds the whole cache alone in its own directory: redundant work, never a build that
+    waits for ranks that do not exist or is renamed away under another rank."""
+    rank_s, world_s = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    if rank_s is None:
+        return 0, 1, False
+    if world_s is None:
+        return 0, 1, True
+    rank, world = int(rank_s), int(world_s)
+    if not 0 <= rank < world:
+        raise DataError(f"LOCAL_RANK={rank} with LOCAL_WORLD_SIZE={world}: expected 0 <= LOCAL_RANK < "
+                        f"LOCAL_WORLD_SIZE (the launcher's environment is inconsistent)")
+    return rank, world, False
 
 
 def _build_part(cfg, kind, build, rank, world, tokenizer_fn, encode) -> None:
