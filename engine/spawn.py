@@ -70,6 +70,8 @@ def run_world(world: int, fn, *args, timeout: float = 600.0) -> list:
             if not os.path.exists(path):
                 results.append(None)
                 continue
+            # the harness's own result file in its private temp dir (a worker may return any
+            # picklable object), never a checkpoint: checkpoints load through convert.files.trusted_load
             r = torch.load(path, weights_only=False)
             if not r["ok"]:
                 raise AssertionError(f"rank {rank} failed:\n{r['error']}")

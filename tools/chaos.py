@@ -206,18 +206,19 @@ def judge(faults: list[dict], events: list[dict], out: Path, rc: int, timeout_s:
 
 def load_final(ckpt_dir: Path, steps: int) -> dict:
     """Every tensor of the final checkpoint (weights, optimizer state, RNG) and its training state."""
-    import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from convert.files import trusted_load
 
     where = ckpt_dir / f"iter_{steps:07d}"
     flat = ckpt_dir.parent / f"flat_{ckpt_dir.name}_{steps}.pt"
     dcp_to_torch_save(str(where), str(flat))
-    state = torch.load(flat, weights_only=False)
-    train = torch.load(where / "meshtron_train.pt", weights_only=False)
+    state = trusted_load(str(flat))
+    train = trusted_load(str(where / "meshtron_train.pt"))
     train.pop("run", None)
     state["meshtron_train"] = train
     for f in sorted((where / "rng").iterdir()):
-        state[f"rng/{f.name}"] = torch.load(f, weights_only=False)  # torch's and Python's (seeded by train)
+        state[f"rng/{f.name}"] = trusted_load(str(f))  # torch's and Python's (seeded by train)
     return state
 
 
