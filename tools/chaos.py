@@ -137,7 +137,7 @@ def run_world(args, out: Path, fault_spec: str, max_restarts: int, log: Path, pr
            "--log-dir", str(out / "logs"), "--redirects", "3", "-m", "engine.cli", args.config, *overrides]
     with open(out / "torchrun.log", "w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline, killed = time.monotonic() + args.limit_s, set()
+        deadline, killed, freed = time.monotonic() + args.limit_s, set(), set()
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -146,8 +146,12 @@ def run_world(args, out: Path, fault_spec: str, max_restarts: int, log: Path, pr
             events = read_log(log)
             for e in events:
                 left = any(x["event"] == "exit" and x["attempt"] == e["attempt"] for x in events)
-                if e["event"] == "fire" and e["kind"] == "enospc-in-save" and left and ballast and ballast.exists():
-                    ballast.unlink()
+                # each full disk is emptied once, after its own attempt: an earlier attempt's fire
+                # must not free the disk a later attempt has just filled (the soak run caught that)
+                if (e["event"] == "fire" and e["kind"] == "enospc-in-save" and left and ballast
+                        and e["attempt"] not in freed):
+                    freed.add(e["attempt"])
+                    ballast.unlink(missing_ok=True)
                 if e["event"] == "fire" and e["kind"] == "stop" and e["pid"] not in killed and left:
                     killed.add(e["pid"])
                     try:
