@@ -82,25 +82,24 @@ def _check_report(name: str, report: dict) -> list[str]:
     return bad
 
 
-# Every shipped config takes minutes to simulate on 2 cores; CI checks them by the planner
-# (test_config_names_its_hardware_and_fits_by_the_planner) and the simulation against the planner
-# on the 16k variants below (SFT and DPO, every memory lever); MESHTRON_ALL_SIMS=1 simulates every
-# shipped config too (as before a release, or after a change to a shipped config or the planner).
+# CI simulates every shipped config in the steady state (--steady-state: the micro-batches that
+# reach the step's peak, 2 without a pipeline, 2·pp with one; test_steady_state_is_the_whole_steps_peak
+# shows the peak is the whole step's); MESHTRON_ALL_SIMS=1 runs every micro-batch of each step, and
+# the 64k variants and the reach config (as before a release; ~20 min more on 2 cores).
 ALL_SIMS = os.environ.get("MESHTRON_ALL_SIMS") == "1"
-CI_SIMS: tuple[str, ...] = ()
 _ALL_ONLY = pytest.mark.skipif(not ALL_SIMS, reason="simulated with MESHTRON_ALL_SIMS=1")
-SHIPPED = [p if p.stem in CI_SIMS else pytest.param(p, marks=_ALL_ONLY)
-           for p in CONFIGS if not p.stem.startswith("tiny")]
+SHIPPED = [p for p in CONFIGS if not p.stem.startswith("tiny")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_config_fits_in_simulation(path):
-    """The whole step, optimizer step and checkpoint save of the first and the last pipeline
-    stage's first rank at the configured shapes: fits, no NCCL breach, at most 4 host syncs,
-    the planner within 5 % of each simulated rank."""
+    """The step (its steady state in CI, all of it with MESHTRON_ALL_SIMS=1), optimizer step and
+    checkpoint save of the first and the last pipeline stage's first rank at the configured
+    shapes: fits, no NCCL breach, at most 4 host syncs, the planner (given the whole config)
+    within 5 % of each simulated rank."""
     cfg = _config(path)
-    out, report = _simulate_cli(path, *_sim_overrides(cfg))
+    out, report = _simulate_cli(path, *_sim_overrides(cfg), *([] if ALL_SIMS else ["--steady-state"]))
     assert report is not None, out.stdout[-3000:] + out.stderr[-3000:]
     assert not _check_report(path.stem, report), _check_report(path.stem, report)
     assert report["fits"] and out.returncode == 0, out.stdout[-3000:]
@@ -121,6 +120,39 @@ def test_tiny_configs_simulate():
             if not report["fits"]:
                 bad.append(f"{path.stem}: does not fit")
     assert not bad, bad
+
+
+# the steady state against whole steps: every schedule, and DPO, with more micro-batches than it keeps
+STEADY = {
+    "pp1": ["train.global_batch_size=6"],
+    "pp1-dpo": ["recipe=dpo", "train.global_batch_size=6"],
+    "pp2-1f1b": ["parallel.pp=2", "parallel.cp=2", "train.global_batch_size=8"],
+    "pp2-interleaved": ["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=interleaved", "parallel.vpp=2",
+                        "model.num_layers=4", "train.global_batch_size=8"],
+    "pp2-seq1f1b": ["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=2",
+                    "train.global_batch_size=8"],
+}
+
+
+def test_steady_state_is_the_whole_steps_peak():
+    """``--steady-state`` runs 2 micro-batches (2·pp with a pipeline) of a step of 6 or 8: each
+    simulated rank's peak bytes by category and host syncs equal the whole step's, to the byte but
+    for DPO's per-pair metrics (a few bytes a pair: one 512-byte allocator block at most here)."""
+    bad = []
+    for name, overrides in STEADY.items():
+        config = ROOT / "configs" / ("llama3-8b-dpo-32k.yaml" if "dpo" in name else "llama3-8b-sft-64k.yaml")
+        cfg = _config(config, ["hardware.gpus=8", "model.num_layers=2", "data.seq_len=4096",
+                               "train.recompute=none", "optim.sharding=none"] + overrides)
+        whole, steady = simulate.simulate(cfg), simulate.simulate(cfg, steady=True)
+        assert steady["micro_batches"] < whole["micro_batches"] == whole["configured_micro_batches"], name
+        for a, b in zip(whole["ranks"], steady["ranks"]):
+            assert "error" not in a and "error" not in b, (name, a.get("traceback"), b.get("traceback"))
+            gap = {k: a["categories"][k] - b["categories"][k] for k in a["categories"]}
+            slack = 512 if "dpo" in name else 0
+            if a["host_syncs"] != b["host_syncs"] or any(not 0 <= g <= slack for g in gap.values()):
+                bad.append(f"{name} rank {a['rank']}: whole step {a['categories']} ({a['host_syncs']} syncs), "
+                           f"steady state {b['categories']} ({b['host_syncs']} syncs)")
+    assert not bad, "\n".join(bad)
 
 
 # -- the planner over variants ----------------------------------------------------------------------

@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec python -m pytest -q -ra --timeout 1200 tests "$@"
+exec python -m pytest -q -ra --durations=40 --timeout 1200 tests "$@"

@@ -4,7 +4,8 @@
     meshtron-plan --model configs/qwen2.5-7b-sft-128k.yaml --gpus 16 --max-seq-len --tp 2 --cp 8
     meshtron-plan --model llama3-8b --gpus 8 --recipe sft --max-seq-len --json --emit-config long.yaml
     meshtron-plan --validate-360lf
-    meshtron-plan --simulate configs/qwen2.5-72b-sft-128k.yaml [section.key=value ...] [--rank R ...] [--json]
+    meshtron-plan --simulate configs/qwen2.5-72b-sft-128k.yaml [section.key=value ...] [--rank R ...]
+                  [--steady-state] [--json]
 
 ``--model`` is a known name (qwen2.5-7b/14b/72b, qwen3-0.6b/1.7b/4b/8b/14b/32b, llama3-8b/70b,
 mistral-7b), a meshtron YAML or a Hugging Face config.json (or its folder). Memory is in GiB per rank: params, grads, optimizer
@@ -79,6 +80,9 @@ def parse_args(argv):
     ap.add_argument("--rank", type=int, action="append",
                     help="global rank to simulate (repeatable; default: the first rank of the first and of the "
                          "last pipeline stage)")
+    ap.add_argument("--steady-state", action="store_true",
+                    help="--simulate: run only the micro-batches that reach the step's peak (pp=1: 2; else 2*pp), "
+                         "not the whole global batch: the same peak in a fraction of the time")
     ap.add_argument("--json", action="store_true", help="--simulate / --max-seq-len: print only the JSON line")
     return ap.parse_args(argv)
 
@@ -249,7 +253,7 @@ def run_simulate(a) -> int:
         raise ValueError(f"--rank {bad[0]} is not a rank of the configured world of {world} GPUs (0..{world - 1})")
     if a.gpu_memory_gb is not None and a.gpu_memory_gb <= 0:
         raise ValueError(f"--gpu-memory-gb must be > 0 (got {a.gpu_memory_gb})")
-    report = simulate.simulate(cfg, a.rank, a.gpu_memory_gb)
+    report = simulate.simulate(cfg, a.rank, a.gpu_memory_gb, steady=a.steady_state)
     if not a.json:
         print(simulate.format_report(report, a.simulate))
     print(simulate.json_line(report, a.simulate), flush=True)

@@ -92,6 +92,23 @@ def simulation_config(cfg):
         checkpoint=dataclasses.replace(cfg.checkpoint, export_hf=None, every=0))
 
 
+def steady_micro_batches(cfg) -> int:
+    """The fewest micro-batches per rank and step whose simulated peak is the whole step's:
+    without a pipeline the second micro-batch runs as every later one (gradients accumulate into
+    buffers that exist); with one, 2·pp micro-batches (a multiple of pp, as the interleaved schedule
+    wants) fill each stage's warm-up — at most (pp-1)·2 + (vpp-1)·pp forwards in flight on the
+    first stage — and run steady 1F1B beyond it, so the activations in flight reach their maximum.
+    Every micro-batch of the step is still built and moved to the device (the step holds them all,
+    as a real one does); only the schedule runs fewer. tests/test_simulate_configs.py checks the
+    peak against whole steps of every schedule, byte for byte."""
+    return min(micro_batches(cfg), 2 if cfg.parallel.pp == 1 else 2 * cfg.parallel.pp)
+
+
+def micro_batches(cfg) -> int:
+    """Micro-batches per rank and step."""
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * cfg.parallel.dp)
+
+
 # -- the planner's view of the same rank --------------------------------------------------------
 def planner_inputs(cfg):
     """(ModelSpec, Mesh, Run) of meshtron-plan for a validated config."""
@@ -129,8 +146,9 @@ def gpu_memory_gib(cfg, override: float | None = None) -> float:
 
 
 # -- one rank (in its own process) ---------------------------------------------------------------
-def simulate_rank(cfg, world: int, rank: int) -> dict:
-    """Run the simulated step of global rank ``rank``; returns its measurements (see module doc)."""
+def simulate_rank(cfg, world: int, rank: int, run: int | None = None) -> dict:
+    """Run the simulated step of global rank ``rank``; returns its measurements (see module doc).
+    ``run``: how many of the step's micro-batches the schedule runs (None: all)."""
     from engine.plan import fake_cuda
 
     fake_cuda.install()
@@ -141,12 +159,12 @@ def simulate_rank(cfg, world: int, rank: int) -> dict:
     start = time.perf_counter()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        return _run_rank(simulation_config(cfg), rank, torch.device(fake_cuda.DEVICE), start)
+        return _run_rank(simulation_config(cfg), rank, torch.device(fake_cuda.DEVICE), start, run)
     finally:
         dist.destroy_process_group()
 
 
-def _run_rank(cfg, rank: int, device, start: float) -> dict:
+def _run_rank(cfg, rank: int, device, start: float, run: int | None = None) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from engine.mesh import ParallelMesh
@@ -183,7 +201,7 @@ def _run_rank(cfg, rank: int, device, start: float) -> dict:
         _track(tracker, model, reference, opt)
         with tracker:
             watch.counting = True
-            stats = _step(cfg, model, reference, opt, mesh, host)
+            stats = _step(cfg, model, reference, opt, mesh, host, run)
             watch.counting = False
             save_peak = _save(cfg, model, opt, mesh, tracker)
         peak = tracker.get_tracker_snapshot("peak")
@@ -194,7 +212,8 @@ def _run_rank(cfg, rank: int, device, start: float) -> dict:
             "peak_site": getattr(tracker, "peak_site", ""),
             "host_bytes": host_peak, "save_peak_bytes": save_peak, "host_syncs": watch.num_syncs,
             "host_sync_allowance": max_host_syncs(cfg, sum(1 for w in model.parameters() if w.requires_grad),
-                                                  len(host[0])),
+                                                  len(host[0][:run])),
+            "micro_batches": len(host[0][:run]),
             "host_sync_sites": [f"{where} {kind} x{n}" for (where, kind), n in sorted(watch.syncs.items())],
             "unknown_host_values": [f"{where} x{n}" for where, n in watch.unknown_host_values.items()],
             "nccl_violations": [f"{where}: {what}" for where, what in watch.violations.items()],
@@ -254,17 +273,20 @@ class SyntheticPairs:
         return self.sequences.sequence(index)
 
 
-def _step(cfg, model, reference, opt, mesh, host) -> dict:
+def _step(cfg, model, reference, opt, mesh, host, run: int | None = None) -> dict:
     """One optimizer step as engine.train.train runs it: batches to the device, forward and
-    backward through the schedule, the optimizer step, the read of what the loop logs."""
+    backward through the schedule, the optimizer step, the read of what the loop logs. ``run``:
+    the schedule runs the first ``run`` micro-batches (the steady state); all are on the device."""
     from engine import train
 
     batches, num_valid = host
     if cfg.recipe == "dpo":
-        loss, _, extra = train.dpo_forward_backward(model, reference, [mb.to(mesh.device) for mb in batches],
-                                                    mesh, cfg, grad_sync=opt.grad_sync)
+        on_device = [mb.to(mesh.device) for mb in batches]
+        loss, _, extra = train.dpo_forward_backward(model, reference, on_device[:run], mesh, cfg,
+                                                    grad_sync=opt.grad_sync)
     else:
-        loss, _ = train.forward_backward(model, train.batches_to(batches, mesh.device), mesh, cfg.parallel,
+        on_device = train.batches_to(batches, mesh.device)
+        loss, _ = train.forward_backward(model, on_device[:run], mesh, cfg.parallel,
                                          num_valid=num_valid, grad_sync=opt.grad_sync)
         extra = {}
     stats = opt.step(loss)
@@ -383,24 +405,28 @@ class DiscardWriter(_writer_base()):
 
 # -- several ranks, the report ----------------------------------------------------------------------
 def _worker(args):
-    cfg, world, rank = args
+    cfg, world, rank, run = args
     try:
-        return simulate_rank(cfg, world, rank)
+        return simulate_rank(cfg, world, rank, run)
     except Exception as e:  # noqa: BLE001 - reported per rank, with the traceback
         import traceback
 
         return {"rank": rank, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
-def simulate(cfg, ranks: list[int] | None = None, gpu_memory: float | None = None) -> dict:
-    """Simulate ``ranks`` (default: :func:`default_ranks`) of a validated config; the report."""
+def simulate(cfg, ranks: list[int] | None = None, gpu_memory: float | None = None,
+             steady: bool = False) -> dict:
+    """Simulate ``ranks`` (default: :func:`default_ranks`) of a validated config; the report.
+    ``steady``: the schedule runs :func:`steady_micro_batches` of the step's micro-batches, not all
+    (the same peak, a fraction of the time for a large global batch)."""
     start = time.perf_counter()
     world = world_size(cfg)
     ranks = ranks or default_ranks(cfg)
+    run = steady_micro_batches(cfg) if steady else None
     ctx = multiprocessing.get_context("spawn")
     workers = max(1, min(len(ranks), os.cpu_count() or 1))
     with ctx.Pool(workers, maxtasksperchild=1) as pool:
-        results = pool.map(_worker, [(cfg, world, r) for r in ranks], chunksize=1)
+        results = pool.map(_worker, [(cfg, world, r, run) for r in ranks], chunksize=1)
     _, mesh, _ = planner_inputs(cfg)
     gib = gpu_memory_gib(cfg, gpu_memory)
     usable = usable_bytes(gib, mesh.communicators(), ALLOCATOR_FRAGMENTATION)
@@ -417,6 +443,8 @@ def simulate(cfg, ranks: list[int] | None = None, gpu_memory: float | None = Non
             "host_syncs_per_step": max((r["host_syncs"] for r in ok), default=0),
             "host_sync_allowance": min((r["host_sync_allowance"] for r in ok), default=MAX_HOST_SYNCS),
             "nccl_violations": sorted({v for r in ok for v in r["nccl_violations"]}),
+            "micro_batches": min((r["micro_batches"] for r in ok), default=0),
+            "configured_micro_batches": micro_batches(cfg),
             "fits": bool(ok) and len(ok) == len(results) and peak <= usable,
             "errors": [f"rank {r['rank']}: {r['error']}" for r in results if "error" in r],
             "seconds": time.perf_counter() - start}
@@ -426,6 +454,9 @@ def format_report(report: dict, config: str) -> str:
     """The tables (one per rank) printed before the JSON line."""
     lines = [f"{config}: {report['world']} GPUs x {report['gpu_memory_gib']:g} GiB; usable for tensors "
              f"{report['usable_bytes'] / GIB:.2f} GiB per GPU (after CUDA context, NCCL and fragmentation)"]
+    if report["micro_batches"] != report["configured_micro_batches"]:
+        lines.append(f"steady state: {report['micro_batches']} of the step's {report['configured_micro_batches']} "
+                     f"micro-batches per rank simulated (the same peak)")
     for r in report["ranks"]:
         if "error" in r:
             lines += [f"rank {r['rank']}: simulation failed: {r['error']}", r.get("traceback", "")]
@@ -456,5 +487,6 @@ def json_line(report: dict, config: str) -> str:
            "host_gib": report["host_gib"], "host_syncs_per_step": report["host_syncs_per_step"],
            "host_sync_allowance": report["host_sync_allowance"],
            "nccl_violations": report["nccl_violations"], "fits": report["fits"], "errors": report["errors"],
+           "micro_batches": report["micro_batches"], "configured_micro_batches": report["configured_micro_batches"],
            "seconds": report["seconds"]}
     return json.dumps(out)
