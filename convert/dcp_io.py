@@ -12,6 +12,7 @@ chunk at a time, so a rank holds its own tensors plus one stored chunk.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -194,8 +195,12 @@ class DistCheckpoint:
             self.metadata = self.reader.read_metadata()
         except Exception as e:  # noqa: BLE001 - unpickling a damaged file fails in many ways
             raise CheckpointError(f"{os.path.join(path, '.metadata')} is damaged ({type(e).__name__}: {e})") from e
+        check_metadata(path, self.metadata)
         self.files = check_files(path, self.metadata)
-        self.reader.set_up_storage_reader(self.metadata, True)
+        try:
+            self.reader.set_up_storage_reader(self.metadata, True)
+        except Exception as e:  # noqa: BLE001 - a valid pickle of the wrong shape fails in many ways
+            raise CheckpointError(f"{os.path.join(path, '.metadata')} is damaged ({type(e).__name__}: {e})") from e
 
     def tensor_keys(self) -> list[str]:
         return [k for k, md in self.metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)]
@@ -225,9 +230,8 @@ class DistCheckpoint:
                                       f"{tuple(r.sizes)} at {tuple(r.offsets)} (another model?)")
         planner = _RequestPlanner(requests)
         planner.set_up_planner({}, self.metadata)
-        plan = planner.create_local_plan()
         try:
-            self.reader.read_data(plan, planner).wait()
+            self.reader.read_data(planner.create_local_plan(), planner).wait()
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
             keys = sorted(planner.by_key)
             where = sorted({f for k in keys for f in self.files.get(k, [])})
@@ -242,6 +246,75 @@ class DistCheckpoint:
         out = torch.empty(sizes, dtype=self.dtype(key))
         self.read([Request(key, tuple(index) + (0,) * (len(shape) - len(index)), sizes, out)])
         return out.reshape(shape[len(index):])
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in x)
+
+
+def _tiles(chunks, shape: tuple) -> bool:
+    """The chunks cover ``shape`` exactly once: their volumes add up and no two overlap (a sweep
+    along dim 0, so a grid of n chunks costs about n comparisons per chunk row)."""
+    volume = 1
+    for g in shape:
+        volume *= g
+    if sum(math.prod(c.sizes) for c in chunks) != volume:
+        return False
+    boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in chunks)
+    for i, (oi, si) in enumerate(boxes):
+        for oj, sj in boxes[i + 1:]:
+            if oi and oj[0] >= oi[0] + si[0]:
+                break
+            overlap = all(a < b + m and b < a + n for a, n, b, m in zip(oi, si, oj, sj))
+            if overlap and math.prod(si) and math.prod(sj):
+                return False
+    return True
+
+
+def _metadata_fault(metadata) -> str | None:
+    """What makes an unpickled ``.metadata`` unusable, or None. A flipped byte can leave a valid
+    pickle of the wrong shape (an attribute renamed, a number turned into a string), which DCP
+    would only trip over midway through a read."""
+    sdm, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        return "state_dict_metadata and storage_data must be dicts"
+    for key, md in sdm.items():
+        if not isinstance(key, str):
+            return f"key {key!r} is not a string"
+        if isinstance(md, BytesStorageMetadata):
+            continue
+        if not isinstance(md, TensorStorageMetadata):
+            return f"{key}: {type(md).__name__} is neither tensor nor bytes metadata"
+        size, chunks = getattr(md, "size", None), getattr(md, "chunks", None)
+        if not _is_index(size) or not isinstance(getattr(getattr(md, "properties", None), "dtype", None),
+                                                 torch.dtype):
+            return f"{key}: its size or dtype is malformed"
+        if not isinstance(chunks, list) or not chunks:
+            return f"{key}: it lists no chunks"
+        for c in chunks:
+            offs, sizes = getattr(c, "offsets", None), getattr(c, "sizes", None)
+            if not (isinstance(c, ChunkStorageMetadata) and _is_index(offs) and _is_index(sizes)
+                    and len(offs) == len(sizes) == len(size)
+                    and all(o + n <= g for o, n, g in zip(offs, sizes, size))):
+                return f"{key}: a chunk {offs}+{sizes} does not lie inside its shape {tuple(size)}"
+        if not _tiles(chunks, tuple(size)):
+            return f"{key}: its chunks do not tile its shape {tuple(size)} exactly once"
+    for index, info in storage.items():
+        fqn, rel = getattr(index, "fqn", None), getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(index, MetadataIndex) or fqn not in sdm:
+            return f"storage entry for {fqn!r} names no key of the checkpoint"
+        if (not isinstance(rel, str) or not rel or os.path.basename(rel) != rel or rel.startswith(".")
+                or not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0):
+            return f"{fqn}: its storage entry (file, offset, length) is malformed"
+    return None
+
+
+def check_metadata(path: str, metadata) -> None:
+    """One CheckpointError naming ``.metadata`` when its contents are not a DCP checkpoint's."""
+    fault = _metadata_fault(metadata)
+    if fault:
+        raise CheckpointError(f"{os.path.join(path, '.metadata')} is damaged: {fault}")
 
 
 def check_files(path: str, metadata) -> dict[str, list[str]]:
